@@ -1,0 +1,63 @@
+"""``tollgate``: run the gateway, render or check its Envoy config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import sys
+import tempfile
+
+from extproc.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tollgate", description="An AI gateway beside Envoy.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start Envoy and the ext_proc server")
+    run.add_argument("--config", help="gateway config file (default: $TOLLGATE_CONFIG, else the embedded demo)")
+    run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    run.add_argument("--runtime-dir", help="where the rendered Envoy config and sockets go (default: a temp dir)")
+    render = sub.add_parser("render-envoy", help="print the Envoy bootstrap rendered from the config")
+    render.add_argument("--config")
+    render.add_argument("--demo-socket", default="/tmp/tollgate-demo.sock")
+    check = sub.add_parser("validate", help="check the config and run `envoy --mode validate` on its rendering")
+    check.add_argument("--config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"tollgate: {e}", file=sys.stderr)
+        return 2
+    if args.command == "render-envoy":
+        from extproc.envoy_config import render_yaml
+
+        sys.stdout.write(render_yaml(cfg, demo_socket=args.demo_socket))
+        return 0
+    if args.command == "validate":
+        return _validate(cfg)
+    from extproc.supervisor import serve, use_uvloop
+
+    use_uvloop()
+    return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir))
+
+
+def _validate(cfg) -> int:  # type: ignore[no-untyped-def]
+    from extproc.envoy_config import render_yaml
+    from extproc.supervisor import find_envoy
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(render_yaml(cfg, demo_socket="/tmp/tollgate-demo.sock"))
+        f.flush()
+        r = subprocess.run([find_envoy(cfg), "--mode", "validate", "-c", f.name, "-l", "error"], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout + r.stderr, file=sys.stderr)
+        return 1
+    print(f"{cfg.source}: OK ({len(cfg.models)} models, {len(cfg.providers)} providers)")
+    return 0

@@ -1,0 +1,364 @@
+"""Render Envoy's bootstrap from the gateway config: one source of truth.
+
+Shape of what comes out:
+
+* one listener (HTTP/1.1 and HTTP/2 from clients) whose filter chain is the
+  ``gateway`` ext_proc filter, then the router;
+* one route per model alias, chosen by the ``x-tollgate-route`` header the
+  gateway filter sets, with a retry policy that moves to the next target;
+* per alias an aggregate cluster listing one cluster per target in fallback
+  order (``previous_priorities`` makes every retry take the next one);
+* the ``attempt`` ext_proc filter as an upstream filter of the router, so each
+  attempt is translated and authenticated for its own backend;
+* local replies (Envoy's own errors) in OpenAI's error shape.
+
+No credential is ever part of this config: keys are injected per attempt.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import yaml
+
+from extproc.attempt import HOST_METADATA, REQUEST_ID, target_tag
+from extproc.config import Address, GatewayConfig, ModelAlias, Provider
+from extproc.gateway import ROUTE_HEADER
+from extproc.server import FILTER_METADATA_KEY
+
+EXTPROC_CLUSTER = "tollgate_extproc"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+_T = "type.googleapis.com/"
+_MANY = 1_000_000  # circuit-breaker ceilings: concurrency is governed by quotas, not by Envoy
+
+
+def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str = CA_BUNDLE) -> dict[str, Any]:
+    """The bootstrap as a plain dict (dump it as YAML or JSON)."""
+    clusters = [_extproc_cluster(cfg.extproc)]
+    routes = []
+    for alias in cfg.models.values():
+        for i, t in enumerate(alias.targets):
+            clusters.append(_target_cluster(alias, i, cfg.providers[t.provider], demo_socket, ca_bundle))
+        clusters.append(_aggregate_cluster(alias))
+        routes.append(_route(alias))
+    routes.append(
+        {
+            "name": "no_route",
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 500, "body": {"inline_string": "no model route was selected"}},
+        }
+    )
+    return {
+        "node": {"id": "tollgate", "cluster": "tollgate"},
+        "admin": {"address": _socket(cfg.envoy.admin)},
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": _T + "envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": 50_000,
+                    },
+                }
+            ]
+        },
+        "static_resources": {"listeners": [_listener(cfg, routes)], "clusters": clusters},
+    }
+
+
+def render_yaml(cfg: GatewayConfig, **kw: Any) -> str:
+    header = (
+        "# Rendered by `tollgate render-envoy` from the gateway config; do not edit by hand.\n"
+        f"# Source: {cfg.source}\n"
+    )
+    return header + yaml.safe_dump(render(cfg, **kw), sort_keys=False, width=120)
+
+
+def render_json(cfg: GatewayConfig, **kw: Any) -> str:
+    return json.dumps(render(cfg, **kw), indent=1)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _socket(a: Address) -> dict[str, Any]:
+    if a.unix_socket:
+        return {"pipe": {"path": a.unix_socket}}
+    return {"socket_address": {"address": a.host, "port_value": a.port}}
+
+
+def _grpc_service(filter_role: str, cfg: GatewayConfig) -> dict[str, Any]:
+    return {
+        "envoy_grpc": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "max_receive_message_length": 2 * cfg.limits.max_request_bytes + (1 << 20),
+        },
+        "initial_metadata": [{"key": FILTER_METADATA_KEY, "value": filter_role}],
+    }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
+    return {"json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}}
+
+
+def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
+    limit = cfg.limits.max_request_bytes
+    flags = ["UF", "UH", "URX", "UO", "UT", "UC", "UR", "NR", "DF", "UMSDR"]
+    return {
+        "mappers": [
+            {
+                "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 413,
+                                                                                        "runtime_key": "tg.413"}}}},
+                "body_format_override": _error_json(
+                    f"request body exceeds the gateway limit of {limit} bytes", "invalid_request_error",
+                    "request_too_large"
+                ),
+            },
+            {
+                "filter": {"response_flag_filter": {"flags": flags}},
+                "body_format_override": _error_json(
+                    "no provider could answer: %LOCAL_REPLY_BODY%", "api_error", "upstream_unavailable"
+                ),
+            },
+            {
+                "filter": {"status_code_filter": {"comparison": {"op": "GE", "value": {"default_value": 500,
+                                                                                        "runtime_key": "tg.5xx"}}}},
+                "body_format_override": {
+                    **_error_json("gateway error: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "api_error",
+                                  "gateway_error"),
+                    "content_type": "application/json",
+                },
+            },
+        ]
+    }
+
+
+def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    gateway_filter = {
+        "name": "tollgate.gateway",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": _grpc_service("gateway", cfg),
+            "failure_mode_allow": False,
+            "message_timeout": _ms(cfg.envoy.message_timeout),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+    attempt_filter = {
+        "name": "tollgate.attempt",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": _grpc_service("attempt", cfg),
+            "failure_mode_allow": False,
+            "message_timeout": _ms(cfg.envoy.message_timeout),
+            "allow_mode_override": True,
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
+            "request_attributes": [HOST_METADATA, REQUEST_ID],
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+    hcm = {
+        "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "tollgate",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "generate_request_id": True,
+        "preserve_external_request_id": False,
+        "always_set_request_id_in_response": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "request_timeout": "0s",
+        "request_headers_timeout": "10s",
+        "stream_idle_timeout": "600s",
+        "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST"},
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "internal_address_config": {"cidr_ranges": []},
+        "local_reply_config": _local_reply(cfg),
+        "route_config": {
+            "name": "tollgate",
+            "virtual_hosts": [{"name": "tollgate", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            gateway_filter,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.filters.http.router.v3.Router",
+                    "suppress_envoy_headers": True,
+                    "upstream_http_filters": [
+                        attempt_filter,
+                        {
+                            "name": "envoy.filters.http.upstream_codec",
+                            "typed_config": {"@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+                        },
+                    ],
+                },
+            },
+        ],
+    }
+    return {
+        "name": "tollgate",
+        "address": _socket(cfg.listen),
+        "per_connection_buffer_limit_bytes": cfg.limits.max_request_bytes,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def _route(alias: ModelAlias) -> dict[str, Any]:
+    action: dict[str, Any] = {"cluster": _aggregate_name(alias), "timeout": "0s"}
+    retry_on = "5xx,reset,connect-failure,refused-stream"
+    policy: dict[str, Any] = {
+        "retry_on": retry_on + (",retriable-status-codes" if alias.retry_on_429 else ""),
+        "num_retries": max(len(alias.targets) - 1, 0),
+        "per_try_timeout": _ms(alias.per_try_timeout),
+        "per_try_idle_timeout": _ms(alias.first_byte_timeout),
+        "retry_back_off": {"base_interval": "0.010s", "max_interval": "0.050s"},
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 1,
+            },
+        },
+        "host_selection_retry_max_attempts": 3,
+    }
+    if alias.retry_on_429:
+        policy["retriable_status_codes"] = [429]
+    action["retry_policy"] = policy
+    return {
+        "name": f"alias:{alias.name}",
+        "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": alias.name}}]},
+        "route": action,
+        "request_headers_to_remove": [ROUTE_HEADER],
+    }
+
+
+def _aggregate_name(alias: ModelAlias) -> str:
+    return f"alias:{alias.name}"
+
+
+def _target_name(alias: ModelAlias, index: int) -> str:
+    return f"target:{alias.name}#{index}"
+
+
+def _aggregate_cluster(alias: ModelAlias) -> dict[str, Any]:
+    return {
+        "name": _aggregate_name(alias),
+        "connect_timeout": "5s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "circuit_breakers": _breakers(),
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": [_target_name(alias, i) for i in range(len(alias.targets))],
+            },
+        },
+    }
+
+
+def _breakers() -> dict[str, Any]:
+    limits = {k: _MANY for k in ("max_connections", "max_pending_requests", "max_requests", "max_retries")}
+    return {"thresholds": [{"priority": "DEFAULT", **limits}]}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _target_cluster(
+    alias: ModelAlias, index: int, p: Provider, demo_socket: str | None, ca_bundle: str
+) -> dict[str, Any]:
+    name = _target_name(alias, index)
+    if p.type == "demo":
+        if not demo_socket:
+            raise ValueError("the demo provider needs its socket path")
+        address: dict[str, Any] = {"pipe": {"path": demo_socket}}
+        kind = "STATIC"
+    else:
+        address = {"socket_address": {"address": p.host, "port_value": p.port}}
+        kind = "STATIC" if _is_ip(p.host) else "STRICT_DNS"
+    endpoint = {
+        "metadata": {"filter_metadata": {"tollgate": {"target": target_tag(alias.name, index)}}},
+        "endpoint": {"address": address, "hostname": p.host},
+    }
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": kind,
+        "connect_timeout": _ms(p.connect_timeout),
+        "circuit_breakers": _breakers(),
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                **({"auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}
+                   if p.tls else {"explicit_http_config": {"http_protocol_options": {}}}),
+                "common_http_protocol_options": {"idle_timeout": "60s"},
+            }
+        },
+    }
+    if kind == "STRICT_DNS":
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+        cluster["dns_refresh_rate"] = "30s"
+        cluster["respect_dns_ttl"] = True
+    if p.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": p.host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": ca_bundle},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": p.host}}],
+                    }
+                },
+            },
+        }
+    return cluster
+
+
+def _extproc_cluster(a: Address) -> dict[str, Any]:
+    return {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "circuit_breakers": _breakers(),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                        "max_concurrent_streams": 100_000,
+                    }
+                },
+            }
+        },
+        "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(a)}}]}]},
+    }

@@ -1,0 +1,99 @@
+"""Builders for ext_proc ProcessingResponse messages (upb-generated, fast to build).
+
+Envoy reads header values from ``raw_value``; a mutation that sets only
+``value`` yields an empty header, so every builder here uses ``raw_value``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.errors import GatewayError
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+NONE = processing_mode_pb2.ProcessingMode.NONE
+
+
+
+def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
+    return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in msg.headers.headers}
+
+
+def _mutate(
+    common: pb.CommonResponse,
+    set_headers: Mapping[str, str] | None,
+    remove_headers: Iterable[str] | None,
+) -> None:
+    if set_headers:
+        add = common.header_mutation.set_headers.add
+        for k, v in set_headers.items():
+            add(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+    if remove_headers:
+        common.header_mutation.remove_headers.extend(remove_headers)
+
+
+def cont(
+    phase: str,
+    *,
+    set_headers: Mapping[str, str] | None = None,
+    remove_headers: Iterable[str] | None = None,
+    body: bytes | None = None,
+    clear_route_cache: bool = False,
+    response_body_mode: int | None = None,
+    request_body_mode: int | None = None,
+) -> pb.ProcessingResponse:
+    """Continue ``phase``, optionally changing headers and the body."""
+    resp = pb.ProcessingResponse()
+    part = getattr(resp, phase)
+    part.SetInParent()
+    if set_headers or remove_headers or body is not None or clear_route_cache:
+        common = part.response
+        _mutate(common, set_headers, remove_headers)
+        if body is not None:
+            common.body_mutation.body = body
+        if clear_route_cache:
+            common.clear_route_cache = True
+    if response_body_mode is not None:
+        resp.mode_override.response_body_mode = response_body_mode
+    if request_body_mode is not None:
+        resp.mode_override.request_body_mode = request_body_mode
+    return resp
+
+
+def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
+    """Answer one STREAMED response-body chunk: ``None`` passes it on unchanged."""
+    resp = pb.ProcessingResponse()
+    resp.response_body.SetInParent()
+    if chunk is not None:
+        resp.response_body.response.body_mutation.body = chunk
+    return resp
+
+
+def immediate(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None, content_type: str = "application/json"
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse()
+    ir = resp.immediate_response
+    ir.status.code = status  # type: ignore[assignment]  # the enum is numbered by HTTP status
+    ir.body = body
+    hs = {"content-type": content_type, **(headers or {})}
+    for k, v in hs.items():
+        ir.headers.set_headers.add(
+            header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    return resp
+
+
+def error_response(err: GatewayError, extra_headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
+    return immediate(err.status, err.body(), {**err.headers, **(extra_headers or {})})

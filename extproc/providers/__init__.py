@@ -1,0 +1,1 @@
+"""Backends behind one translator interface: OpenAI, Azure OpenAI, Anthropic, demo."""

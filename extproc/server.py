@@ -1,0 +1,133 @@
+"""The gRPC ext_proc server: one small exchange object per Envoy stream.
+
+``Process`` only dispatches: it reads a message, calls the exchange's method
+for that phase, and writes exactly one answer. A ``GatewayError`` becomes an
+ImmediateResponse here and nowhere else; any other exception is logged and
+answered with a 500 in the same shape, so one broken exchange never touches
+another. Which filter a stream comes from is told by the gRPC metadata Envoy
+sends (``x-tollgate-filter: gateway | attempt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc import messages
+from extproc.app import Gateway
+from extproc.attempt import AttemptExchange
+from extproc.errors import GatewayError, Internal
+from extproc.gateway import GatewayExchange
+
+log = logging.getLogger("tollgate.server")
+
+FILTER_METADATA_KEY = "x-tollgate-filter"
+_SKIP = {"request_trailers": "request_trailers", "response_trailers": "response_trailers"}
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.active = 0
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[messages.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[messages.ProcessingResponse]:
+        role = "gateway"
+        for key, value in context.invocation_metadata() or ():
+            if key == FILTER_METADATA_KEY:
+                role = value
+        ex: GatewayExchange | AttemptExchange = (
+            AttemptExchange(self.gw) if role == "attempt" else GatewayExchange(self.gw)
+        )
+        self.active += 1
+        try:
+            async for req in request_iterator:
+                phase = req.WhichOneof("request")
+                try:
+                    handler = getattr(ex, "on_" + phase, None) if phase else None
+                    if handler is None:
+                        yield messages.cont(phase) if phase else messages.ProcessingResponse()
+                        continue
+                    yield handler(req)
+                except GatewayError as err:
+                    self._note_error(ex, err)
+                    yield messages.error_response(err, _request_id(ex))
+                except Exception:
+                    log.exception("exchange failed in %s (request %s)", phase, getattr(ex, "request_id", "?"))
+                    err = Internal("the gateway failed to process this request")
+                    self._note_error(ex, err)
+                    yield messages.error_response(err, _request_id(ex))
+        finally:
+            self.active -= 1
+            ex.close()
+
+    @staticmethod
+    def _note_error(ex: GatewayExchange | AttemptExchange, err: GatewayError) -> None:
+        log.info("request %s refused: %s %s", _rid(ex) or "-", err.status, err.code or err.type)
+        exchange = ex.exchange
+        if exchange is not None:
+            exchange.status, exchange.error = err.status, err.code or err.type
+
+
+def _rid(ex: GatewayExchange | AttemptExchange) -> str:
+    if isinstance(ex, GatewayExchange):
+        return ex.request_id
+    return ex.exchange.request_id if ex.exchange else ""
+
+
+def _request_id(ex: GatewayExchange | AttemptExchange) -> dict[str, str]:
+    rid = _rid(ex)
+    return {"x-request-id": rid} if rid else {}
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+async def start_server(gw: Gateway) -> tuple[grpc.aio.Server, ExternalProcessor, health.HealthServicer]:
+    cfg = gw.config
+    server = grpc.aio.server(options=grpc_options(2 * cfg.limits.max_request_bytes + (1 << 20)))
+    processor = ExternalProcessor(gw)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(cfg.extproc.grpc_target)
+    if not cfg.extproc.unix_socket and bound == 0:
+        raise OSError(f"cannot listen on {cfg.extproc.grpc_target}")
+    await server.start()
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    return server, processor, health_servicer
+
+
+async def _set_health(h: health.HealthServicer, status: int) -> None:
+    result = h.set("", status)
+    if asyncio.iscoroutine(result):
+        await result
+    result = h.set("envoy.service.ext_proc.v3.ExternalProcessor", status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+async def drain(server: grpc.aio.Server, h: health.HealthServicer, grace: float) -> None:
+    """Stop taking new streams and let in-flight ones finish within ``grace`` seconds."""
+    await _set_health(h, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

