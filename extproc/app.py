@@ -6,9 +6,12 @@ import logging
 import os
 from dataclasses import dataclass
 
+import time
+
+from extproc.access_log import access_record
 from extproc.config import GatewayConfig
 from extproc.credentials import CredentialVault
-from extproc.exchange import Exchanges
+from extproc.exchange import Exchange, Exchanges
 
 
 @dataclass
@@ -17,6 +20,11 @@ class Gateway:
     vault: CredentialVault
     exchanges: Exchanges
     access_log: logging.Logger
+
+    def release(self, ex: Exchange) -> None:
+        """One stream of ``ex`` is done; the last one writes the access log line."""
+        if self.exchanges.release(ex):
+            self.access_log.info(access_record(ex, time.monotonic()))
 
 
 def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> Gateway:

@@ -59,6 +59,7 @@ class AttemptExchange:
         alias, target, provider = self.gw.config.target(m.group(1), int(m.group(2)))
         self.exchange, self.alias, self.target, self.provider = ex, alias, target, provider
         ex.attempts += 1
+        ex.holders += 1
         translator = make_translator(provider, target, ex.endpoint)
         self.translator = translator
         up = translator.request(ex.body, b"")
@@ -135,4 +136,5 @@ class AttemptExchange:
         return messages.cont("response_body", body=out)
 
     def close(self) -> None:
-        pass
+        if self.exchange is not None:
+            self.gw.release(self.exchange)

@@ -19,6 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="gateway config file (default: $TOLLGATE_CONFIG, else the embedded demo)")
     run.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     run.add_argument("--runtime-dir", help="where the rendered Envoy config and sockets go (default: a temp dir)")
+    ext = sub.add_parser("extproc", help="start only the ext_proc server (Envoy runs elsewhere)")
+    ext.add_argument("--config")
+    ext.add_argument("--grace", type=float, default=10.0)
+    ext.add_argument("--runtime-dir", help="where the demo backend's socket goes")
     render = sub.add_parser("render-envoy", help="print the Envoy bootstrap rendered from the config")
     render.add_argument("--config")
     render.add_argument("--demo-socket", default="/tmp/tollgate-demo.sock")
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.supervisor import serve, use_uvloop
 
     use_uvloop()
-    return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir))
+    with_envoy = args.command == "run"
+    return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy))
 
 
 def _validate(cfg) -> int:  # type: ignore[no-untyped-def]

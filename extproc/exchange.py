@@ -33,6 +33,7 @@ class Exchange:
     content_chunks: int = 0
     stream_failed: bool = False
     error: str | None = None
+    holders: int = 1  # the gateway stream, plus each attempt stream while it runs
 
 
 class Exchanges:
@@ -53,5 +54,15 @@ class Exchanges:
     def get(self, request_id: str) -> Exchange | None:
         return self._live.get(request_id)
 
-    def pop(self, request_id: str) -> Exchange | None:
-        return self._live.pop(request_id, None)
+    def release(self, ex: Exchange) -> bool:
+        """Drop one holder; True when that was the last, and the exchange is over.
+
+        The gateway stream can close before the answering attempt has read the
+        response body (Envoy ends it once the response headers pass), so the
+        exchange ends when both are done, whichever is last.
+        """
+        ex.holders -= 1
+        if ex.holders > 0:
+            return False
+        self._live.pop(ex.request_id, None)
+        return True

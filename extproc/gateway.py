@@ -71,7 +71,7 @@ class GatewayExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")))
-        gw.exchanges.add(self.exchange)
+        gw.exchanges.add(self.exchange)  # holds one reference until this stream closes
         return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
 
     def models_body(self) -> bytes:
@@ -86,31 +86,4 @@ class GatewayExchange:
         ex = self.exchange
         if ex is None:
             return
-        self.gw.exchanges.pop(ex.request_id)
-        self.gw.access_log.info(access_record(ex, time.monotonic()))
-
-
-def access_record(ex: Exchange, now: float) -> str:
-    u = ex.usage
-    ttft = (ex.first_token_at - ex.received_at) if ex.first_token_at else None
-    tpot = None
-    if ex.first_token_at and ex.last_token_at and u and u.completion_tokens > 1:
-        tpot = (ex.last_token_at - ex.first_token_at) / (u.completion_tokens - 1)
-    rec = {
-        "request_id": ex.request_id,
-        "endpoint": ex.endpoint,
-        "alias": ex.alias,
-        "provider": ex.provider,
-        "model": ex.model,
-        "attempts": ex.attempts,
-        "status": ex.status,
-        "stream": ex.stream,
-        "input_tokens": u.prompt_tokens if u else None,
-        "output_tokens": u.completion_tokens if u else None,
-        "cached_tokens": u.cached_tokens if u else None,
-        "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
-        "tpot_ms": round(tpot * 1000, 3) if tpot is not None else None,
-        "duration_ms": round((now - ex.received_at) * 1000, 2),
-        "error": ex.error,
-    }
-    return json.dumps(rec, separators=(",", ":"))
+        self.gw.release(ex)

@@ -63,10 +63,14 @@ def cont(
             common.body_mutation.body = body
         if clear_route_cache:
             common.clear_route_cache = True
-    if response_body_mode is not None:
-        resp.mode_override.response_body_mode = response_body_mode
-    if request_body_mode is not None:
-        resp.mode_override.request_body_mode = request_body_mode
+    if response_body_mode is not None or request_body_mode is not None:
+        # An override replaces the whole mode: fields left out would read as NONE / DEFAULT.
+        mode = resp.mode_override
+        mode.request_header_mode = processing_mode_pb2.ProcessingMode.SEND
+        mode.response_header_mode = processing_mode_pb2.ProcessingMode.SEND
+        mode.request_body_mode = BUFFERED if request_body_mode is None else request_body_mode
+        mode.response_body_mode = BUFFERED if response_body_mode is None else response_body_mode
+        mode.request_trailer_mode = mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
     return resp
 
 

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -59,10 +58,12 @@ def prepare_runtime(cfg: GatewayConfig, directory: str | None = None) -> Runtime
     return Runtime(d, demo_socket, path)
 
 
-def _listening(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-        return True
-    return False
+def _die_with_parent() -> None:
+    """Envoy must not outlive the gateway process, even when that is killed outright."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 async def _wait_ready(cfg: GatewayConfig, envoy: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
@@ -91,41 +92,55 @@ def _admin_post(cfg: GatewayConfig, path: str) -> None:
         urllib.request.urlopen(urllib.request.Request(f"http://{a.host}:{a.port}{path}", method="POST"), timeout=1)
 
 
-async def serve(cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None) -> int:
+async def serve(
+    cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None, with_envoy: bool = True
+) -> int:
+    """Serve until SIGTERM/SIGINT; with ``with_envoy=False`` only the ext_proc side runs
+    (Envoy runs elsewhere, e.g. as its own container in the pod)."""
     gw = build_gateway(cfg)
     rt = prepare_runtime(cfg, runtime_dir)
     demo = None
     if rt.demo_socket:
         from extproc.demo import start_demo
 
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
     server, processor, health = await start_server(gw)
-    cmd = [
-        find_envoy(cfg), "-c", str(rt.envoy_config), "--disable-hot-restart",
-        "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level,
-    ]
-    envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL)
     stop = asyncio.Event()
     install_signal_handlers(stop)
+    envoy: asyncio.subprocess.Process | None = None
     code = 0
     try:
-        await _wait_ready(cfg, envoy)
-        _banner(cfg)
-        envoy_exit = asyncio.create_task(envoy.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({envoy_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if envoy_exit.done() and not stop.is_set():
+        if with_envoy:
+            cmd = [
+                find_envoy(cfg), "-c", str(rt.envoy_config), "--disable-hot-restart",
+                "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level,
+            ]
+            envoy = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
+            await _wait_ready(cfg, envoy)
+            _banner(cfg)
+        else:
+            log.info("ext_proc server on %s (no Envoy started)", cfg.extproc.grpc_target)
+        waits = {asyncio.create_task(stop.wait())}
+        if envoy is not None:
+            waits.add(asyncio.create_task(envoy.wait()))
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        if envoy is not None and envoy.returncode is not None and not stop.is_set():
             code = envoy.returncode or 1
             log.error("envoy exited with code %s; stopping", envoy.returncode)
-        stopped.cancel()
     finally:
-        if envoy.returncode is None:
+        if envoy is not None and envoy.returncode is None:
             await asyncio.to_thread(_admin_post, cfg, "/drain_listeners?graceful&inboundonly")
-            deadline = time.monotonic() + grace
-            while processor.active and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+        deadline = time.monotonic() + grace
+        while processor.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await drain(server, health, max(0.0, min(grace, 2.0)))
-        if envoy.returncode is None:
+        if envoy is not None and envoy.returncode is None:
             envoy.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(envoy.wait(), 10)
