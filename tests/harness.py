@@ -1,0 +1,172 @@
+"""Start the real gateway (Envoy + ext_proc) on free ports, for end-to-end tests.
+
+Nothing here fakes our own code: ``Gateway`` runs ``tollgate run`` (or, for
+tests that kill the Python side, ``tollgate extproc`` next to an Envoy started
+from ``tollgate render-envoy``) as real processes, and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BIN = Path(sys.executable).parent
+TOLLGATE = str(BIN / "tollgate")
+ENVOY = str(BIN / "envoy")
+
+
+def free_port() -> int:
+    """A port nobody listens on now (never one of the fixed 10000/50051/9464/9901)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in (10000, 50051, 9464, 9901):
+            return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def wait_ready(admin_port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("envoy did not become ready")
+
+
+class Gateway:
+    """One gateway under test. ``config`` is the gateway YAML as a dict, minus the ports."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, split: bool = False):
+        self.tmp = tmp
+        self.port, self.extproc_port, self.admin_port, self.metrics_port = (free_port() for _ in range(4))
+        self.config = {
+            **config,
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "extproc": {"host": "127.0.0.1", "port": self.extproc_port},
+            "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
+            "envoy": {**config.get("envoy", {}), "admin": {"host": "127.0.0.1", "port": self.admin_port}},
+        }
+        self.config_path = tmp / "tollgate.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.env = {**os.environ, "TOLLGATE_NO_UVLOOP": "", **(env or {})}
+        self.split = split
+        self.runtime = tmp / "runtime"
+        self.log_path = tmp / "gateway.log"
+        self.envoy_log_path = tmp / "envoy.log"
+        self.proc: subprocess.Popen[bytes] | None = None  # tollgate run / tollgate extproc
+        self.envoy: subprocess.Popen[bytes] | None = None  # only when split
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> Gateway:
+        self.runtime.mkdir(exist_ok=True)
+        if self.split:
+            rendered = self.tmp / "envoy.yaml"
+            out = subprocess.run(
+                [TOLLGATE, "render-envoy", "--config", str(self.config_path), "--demo-socket",
+                 str(self.runtime / "demo.sock")],
+                check=True, capture_output=True, env=self.env,
+            ).stdout
+            rendered.write_bytes(out)
+            self.start_extproc()
+            self.envoy = subprocess.Popen(
+                [ENVOY, "-c", str(rendered), "--disable-hot-restart", "--concurrency", "2", "-l", "warning"],
+                stdout=self.envoy_log_path.open("ab"), stderr=subprocess.STDOUT,
+            )
+            wait_ready(self.admin_port)
+        else:
+            self.proc = subprocess.Popen(
+                [TOLLGATE, "run", "--config", str(self.config_path), "--runtime-dir", str(self.runtime), "--grace", "5"],
+                stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=self.env,
+            )
+            wait_ready(self.admin_port)
+        wait_port(self.port)
+        return self
+
+    def start_extproc(self) -> None:
+        self.proc = subprocess.Popen(
+            [TOLLGATE, "extproc", "--config", str(self.config_path), "--runtime-dir", str(self.runtime)],
+            stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=self.env,
+        )
+        wait_port(self.extproc_port)
+
+    def kill_extproc(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        code = None
+        for p in (self.proc, self.envoy):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (self.proc, self.envoy):
+            if p is None:
+                continue
+            try:
+                c = p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                c = p.wait(5)
+            if p is self.proc:
+                code = c
+        return code
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- reading what happened
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def access_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{") and '"request_id"' in line:
+                out.append(json.loads(line))
+        return out
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def raw(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+            timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+        """A plain HTTP call, for what the SDKs would never send."""
+        req = urllib.request.Request(self.base_url.removesuffix("/v1") + path, data=body, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
