@@ -189,9 +189,17 @@ class _Builder:
 
     # -- helpers
     def fail(self, path: str, msg: str) -> ConfigError:
-        line = self.lines.get(path)
+        line = self._line(path)
         where = f" (line {line})" if line else ""
         return ConfigError(f"{self.source}: {path or '<root>'}: {msg}{where}")
+
+    def _line(self, path: str) -> int | None:
+        """The line of ``path``, or of its nearest parent that exists (a missing key has none)."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+        return None
 
     def mapping(self, v: Any, path: str, allowed: set[str]) -> dict[str, Any]:
         if v is None:

@@ -9,10 +9,12 @@ steady pace, with usage counted the way a tokenizer roughly would.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
 import re
+import struct
 import time
 import uuid
 
@@ -139,11 +141,20 @@ async def embeddings(request: web.Request) -> web.Response:
     items = [inp] if isinstance(inp, str) else list(inp or [])
     texts = [x if isinstance(x, str) else " ".join(map(str, x)) if isinstance(x, list) else str(x) for x in items]
     dims = int(body.get("dimensions") or 256)
-    data = [{"object": "embedding", "index": i, "embedding": embed(t, dims)} for i, t in enumerate(texts)]
+    as_base64 = body.get("encoding_format") == "base64"
+    data = [
+        {"object": "embedding", "index": i, "embedding": _base64(embed(t, dims)) if as_base64 else embed(t, dims)}
+        for i, t in enumerate(texts)
+    ]
     tokens = sum(count_tokens(t) for t in texts)
     return web.json_response(
         {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     )
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32s."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def make_app() -> web.Application:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -72,7 +73,7 @@ def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str
 def render_yaml(cfg: GatewayConfig, **kw: Any) -> str:
     header = (
         "# Rendered by `tollgate render-envoy` from the gateway config; do not edit by hand.\n"
-        f"# Source: {cfg.source}\n"
+        f"# Source: {Path(cfg.source).name if not cfg.source.startswith('<') else cfg.source}\n"
     )
     return header + yaml.safe_dump(render(cfg, **kw), sort_keys=False, width=120)
 
