@@ -22,6 +22,8 @@ class Exchange:
     alias: str
     body: dict
     stream: bool = False
+    principal: str | None = None  # who is calling (set by authentication)
+    team: str | None = None  # which team the call is charged to
     received_at: float = field(default_factory=time.monotonic)  # full request read
     attempts: int = 0
     provider: str | None = None

@@ -11,6 +11,7 @@ sends (``x-tollgate-filter: gateway | attempt``).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -28,7 +29,6 @@ from extproc.gateway import GatewayExchange
 log = logging.getLogger("tollgate.server")
 
 FILTER_METADATA_KEY = "x-tollgate-filter"
-_SKIP = {"request_trailers": "request_trailers", "response_trailers": "response_trailers"}
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -55,7 +55,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if handler is None:
                         yield messages.cont(phase) if phase else messages.ProcessingResponse()
                         continue
-                    yield handler(req)
+                    resp = handler(req)
+                    if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
+                        resp = await resp
+                    yield resp
                 except GatewayError as err:
                     self._note_error(ex, err)
                     yield messages.error_response(err, _request_id(ex))
