@@ -195,6 +195,17 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
         "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST"},
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "internal_address_config": {"cidr_ranges": []},
+        # A client-chosen x-request-id is dropped before Envoy assigns its own, so two exchanges can never
+        # share an id (the ext_proc server keys its exchanges by it).
+        "early_header_mutation_extensions": [
+            {
+                "name": "tollgate.drop_client_request_id",
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                    "mutations": [{"remove": "x-request-id"}],
+                },
+            }
+        ],
         "local_reply_config": _local_reply(cfg),
         "route_config": {
             "name": "tollgate",

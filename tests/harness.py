@@ -64,10 +64,12 @@ class Gateway:
     def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, split: bool = False):
         self.tmp = tmp
         self.port, self.extproc_port, self.admin_port, self.metrics_port = (free_port() for _ in range(4))
+        config = dict(config)
+        sock = config.pop("extproc_unix_socket", None)  # test knob: serve ext_proc on a unix socket
         self.config = {
             **config,
             "listen": {"host": "127.0.0.1", "port": self.port},
-            "extproc": {"host": "127.0.0.1", "port": self.extproc_port},
+            "extproc": {"unix_socket": sock} if sock else {"host": "127.0.0.1", "port": self.extproc_port},
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
             "envoy": {**config.get("envoy", {}), "admin": {"host": "127.0.0.1", "port": self.admin_port}},
         }
@@ -115,7 +117,8 @@ class Gateway:
             [TOLLGATE, "extproc", "--config", str(self.config_path), "--runtime-dir", str(self.runtime)],
             stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=self.env,
         )
-        wait_port(self.extproc_port)
+        if "port" in self.config["extproc"]:
+            wait_port(self.extproc_port)
 
     def kill_extproc(self) -> None:
         assert self.proc is not None

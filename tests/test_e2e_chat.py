@@ -181,3 +181,50 @@ def test_each_request_leaves_one_access_log_line(client, gw, fake_openai):
     assert (rec["alias"], rec["provider"], rec["status"], rec["input_tokens"], rec["output_tokens"]) == (
         "gpt-4o", "openai", 200, 7, 2)
     assert OPENAI_KEY not in gw.log() and CLIENT_KEY not in gw.log()
+
+
+def test_the_request_id_is_envoys_own_echoed_and_sent_upstream(gw, fake_openai):
+    body = json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode()
+    ids = []
+    for _ in range(2):  # a client-chosen id cannot make two exchanges collide
+        status, headers, _ = gw.raw("POST", "/v1/chat/completions", body, headers={"x-request-id": "fixed"})
+        assert status == 200
+        ids.append(headers["x-request-id"])
+    assert len(set(ids)) == 2 and "fixed" not in ids
+    assert [r.headers["x-request-id"] for r in fake_openai.requests] == ids
+
+
+def test_http2_clients_are_served(gw):
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    assert curl, "curl is part of the base image"
+    out = subprocess.run(
+        [curl, "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+         "-H", "content-type: application/json", "-d", json.dumps({"model": "gpt-4o", "messages": MESSAGES}),
+         gw.base_url + "/chat/completions"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    assert out == "2 200"
+
+
+def test_the_extproc_server_can_listen_on_a_unix_socket(gateway, fake_openai, tmp_path):
+    sock = tmp_path / "extproc.sock"
+    g = gateway({**config(fake_openai, None, None) | {"providers": providers_for(fake_openai)},
+                 "models": {"gpt-4o": {"targets": [{"provider": "openai", "model": "gpt-4o"}]}},
+                 "extproc_unix_socket": str(sock)})
+    c = openai.OpenAI(base_url=g.base_url, api_key="x", max_retries=0)
+    assert c.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices
+    assert sock.exists()
+
+
+def test_the_grpc_health_service_reports_serving(gw):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{gw.extproc_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
