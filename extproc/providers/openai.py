@@ -32,6 +32,11 @@ def usage_from(obj: dict) -> Usage | None:
     )
 
 
+def _has_usage(data: str) -> bool:
+    """Whether an event may carry usage; OpenAI sends ``"usage":null`` on every chunk once asked."""
+    return '"usage":{' in data or '"usage": {' in data
+
+
 class OpenAITranslator:
     """OpenAI chat completions and embeddings, passed through."""
 
@@ -105,8 +110,10 @@ class OpenAITranslator:
         if data == "[DONE]":
             self.progress.done = True
             return True
-        if self.progress.first_content and '"usage"' not in data and '"error"' not in data:
-            self.progress.content_chunks += 1
+        if self.progress.first_content and '"error"' not in data and not _has_usage(data):
+            # the hot path once content flows: a substring test instead of a JSON parse per chunk
+            if ('"content"' in data and '"content":null' not in data) or '"tool_calls"' in data:
+                self.progress.content_chunks += 1
             return True
         try:
             obj = json.loads(data)

@@ -1,0 +1,115 @@
+"""OpenAI-schema translation: pass through what needs no change, meter every stream."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from extproc.config import Provider, Target
+from extproc.providers.openai import AzureOpenAITranslator, OpenAITranslator
+from extproc.providers.sse import SSEParser
+
+OPENAI = Provider(name="openai", type="openai", base_url="https://api.openai.com/v1")
+AZURE = Provider(name="azure", type="azure_openai", base_url="https://x.openai.azure.com", api_version="2024-10-21")
+
+
+def chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+    delta = {"role": "assistant", "content": ""} if role else ({"content": content} if content else {})
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+USAGE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-2024-08-06",
+         "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14,
+                                  "prompt_tokens_details": {"cached_tokens": 4}}}
+EVENTS = [chunk(role=True), chunk("Hel"), chunk("lo"), chunk("!"), chunk(finish="stop"), USAGE]
+STREAM = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in EVENTS) + b"data: [DONE]\n\n"
+
+
+def streaming(include_usage: bool) -> OpenAITranslator:
+    t = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
+    body = {"model": "gpt-4o", "messages": [], "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    t.request(body, b"")
+    return t
+
+
+def feed(t: OpenAITranslator, data: bytes, cuts: list[int]) -> bytes:
+    bounds = [0, *sorted(cuts), len(data)]
+    out = []
+    for i in range(len(bounds) - 1):
+        piece = data[bounds[i]:bounds[i + 1]]
+        r = t.stream_chunk(piece, end_of_stream=i == len(bounds) - 2)
+        out.append(piece if r is None else r)
+    return b"".join(out)
+
+
+def test_a_request_that_needs_no_change_is_passed_through():
+    t = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
+    up = t.request({"model": "gpt-4o", "messages": []}, b"raw")
+    assert up.body is None and up.path == "/v1/chat/completions"
+
+
+def test_the_backend_model_replaces_the_alias():
+    t = OpenAITranslator(OPENAI, Target("openai", "gpt-4o-2024-08-06"), "chat")
+    up = t.request({"model": "smart", "messages": []}, b"")
+    assert json.loads(up.body)["model"] == "gpt-4o-2024-08-06"
+
+
+def test_a_stream_gets_usage_asked_for_and_keeps_other_options():
+    t = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
+    up = t.request({"model": "gpt-4o", "messages": [], "stream": True, "stream_options": {"x": 1}}, b"")
+    assert json.loads(up.body)["stream_options"] == {"x": 1, "include_usage": True}
+
+
+def test_azure_puts_the_deployment_and_version_in_the_path():
+    t = AzureOpenAITranslator(AZURE, Target("azure", "prod-gpt"), "embeddings")
+    up = t.request({"model": "e", "input": "x"}, b"")
+    assert up.path == "/openai/deployments/prod-gpt/embeddings?api-version=2024-10-21" and up.body is None
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_stream_the_client_asked_usage_for_passes_byte_for_byte_at_any_split(seed):
+    rng = random.Random(seed)
+    cuts = rng.sample(range(1, len(STREAM)), rng.randint(1, 40))
+    t = streaming(include_usage=True)
+    assert feed(t, STREAM, cuts) == STREAM
+    assert (t.usage.prompt_tokens, t.usage.completion_tokens, t.usage.cached_tokens) == (11, 3, 4)
+    assert t.progress.done and not t.progress.failed and t.progress.content_chunks == 3
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_injected_usage_chunk_is_removed_at_any_split(seed):
+    rng = random.Random(seed)
+    cuts = rng.sample(range(1, len(STREAM)), rng.randint(1, 40))
+    t = streaming(include_usage=False)
+    events = [e.data for e in SSEParser().feed(feed(t, STREAM, cuts))]
+    assert events[-1] == "[DONE]"
+    assert [json.loads(e) for e in events[:-1]] == EVENTS[:-1]
+    assert t.usage.completion_tokens == 3  # still metered
+
+
+def test_a_stream_that_ends_without_done_gets_an_error_event_and_no_done():
+    t = streaming(include_usage=True)
+    cut = STREAM[: STREAM.index(b"data: [DONE]")]
+    out = t.stream_chunk(cut, end_of_stream=True)
+    events = [e.data for e in SSEParser().feed(out)]
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "stream_interrupted"
+    assert t.progress.failed
+
+
+def test_an_in_band_error_is_noted():
+    t = streaming(include_usage=True)
+    t.stream_chunk(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n', end_of_stream=False)
+    assert t.progress.failed
+
+
+def test_a_non_json_error_body_becomes_an_openai_error():
+    t = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
+    err = json.loads(t.response(502, b"<html>bad gateway</html>"))["error"]
+    assert err["code"] == "upstream_error" and "502" in err["message"]
+    assert t.response(429, b'{"error": {"message": "slow down", "type": "requests"}}') is None
