@@ -12,6 +12,7 @@ from extproc.access_log import access_record
 from extproc.config import GatewayConfig
 from extproc.credentials import CredentialVault
 from extproc.exchange import Exchange, Exchanges
+from extproc.metrics import Metrics
 
 
 @dataclass
@@ -20,11 +21,14 @@ class Gateway:
     vault: CredentialVault
     exchanges: Exchanges
     access_log: logging.Logger
+    metrics: Metrics
 
     def release(self, ex: Exchange) -> None:
-        """One stream of ``ex`` is done; the last one writes the access log line."""
+        """One stream of ``ex`` is done; the last one records metrics and writes the access log line."""
         if self.exchanges.release(ex):
-            self.access_log.info(access_record(ex, time.monotonic()))
+            now = time.monotonic()
+            self.metrics.observe(ex, now)
+            self.access_log.info(access_record(ex, now))
 
 
 def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> Gateway:
@@ -33,4 +37,5 @@ def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> G
         vault=CredentialVault(config.providers, dict(os.environ) if env is None else env),
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
+        metrics=Metrics(config),
     )

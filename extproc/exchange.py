@@ -24,10 +24,12 @@ class Exchange:
     stream: bool = False
     principal: str | None = None  # who is calling (set by authentication)
     team: str | None = None  # which team the call is charged to
+    started_at: float = field(default_factory=time.monotonic)  # request headers reached the gateway
     received_at: float = field(default_factory=time.monotonic)  # full request read
     attempts: int = 0
     provider: str | None = None
-    model: str | None = None  # the backend model that answered
+    target_model: str | None = None  # the configured backend model of the answering target
+    response_model: str | None = None  # what the backend said it was
     status: int | None = None
     usage: Usage | None = None
     first_token_at: float | None = None
@@ -36,6 +38,27 @@ class Exchange:
     stream_failed: bool = False
     error: str | None = None
     holders: int = 1  # the gateway stream, plus each attempt stream while it runs
+    cache: str = "bypass"  # semantic cache result: hit | miss | bypass
+    cost_usd: float = 0.0
+    upstream_sent_at: float | None = None  # the latest attempt's request left Tollgate
+    last_attempt_status: int | None = None  # None: the latest attempt got no response headers
+    failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
+    response_seconds: float = 0.0  # Python time spent on response messages
+
+    def tpot(self) -> float | None:
+        """Seconds per output token after the first; streams only."""
+        u = self.usage
+        if not self.stream or self.first_token_at is None or self.last_token_at is None or u is None:
+            return None
+        if u.completion_tokens < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (u.completion_tokens - 1)
+
+    def overhead(self) -> float | None:
+        """Time in Tollgate and Envoy, excluding the provider (see metrics.py)."""
+        if self.upstream_sent_at is None:
+            return None
+        return max(0.0, self.upstream_sent_at - self.started_at - self.failed_attempt_seconds) + self.response_seconds
 
 
 class Exchanges:

@@ -70,7 +70,7 @@ class GatewayExchange:
         rid = self.request_id
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
-        self.exchange = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")))
+        self.exchange = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")), started_at=self.started)
         gw.exchanges.add(self.exchange)  # holds one reference until this stream closes
         return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
 

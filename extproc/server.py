@@ -71,12 +71,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.active -= 1
             ex.close()
 
-    @staticmethod
-    def _note_error(ex: GatewayExchange | AttemptExchange, err: GatewayError) -> None:
+    def _note_error(self, ex: GatewayExchange | AttemptExchange, err: GatewayError) -> None:
         log.info("request %s refused: %s %s", _rid(ex) or "-", err.status, err.code or err.type)
         exchange = ex.exchange
         if exchange is not None:
             exchange.status, exchange.error = err.status, err.code or err.type
+        elif isinstance(ex, GatewayExchange):
+            self.gw.metrics.refused(err.status, err.code or err.type)
 
 
 def _rid(ex: GatewayExchange | AttemptExchange) -> str:

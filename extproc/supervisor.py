@@ -107,6 +107,7 @@ async def serve(
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
     server, processor, health = await start_server(gw)
+    gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     envoy: asyncio.subprocess.Process | None = None
@@ -147,6 +148,7 @@ async def serve(
             except asyncio.TimeoutError:
                 envoy.kill()
                 await envoy.wait()
+        gw.metrics.close()
         if demo is not None:
             await demo.cleanup()
         if runtime_dir is None:
