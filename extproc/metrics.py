@@ -39,6 +39,7 @@ MODEL_LABELS = ("alias", "provider", "model", "team")
 class Metrics:
     def __init__(self, cfg: GatewayConfig, *, teams: Iterable[str] = (), team_label: bool = True,
                  registry: CollectorRegistry | None = None) -> None:
+        self.enabled = cfg.metrics.port != 0  # `metrics: {port: 0}` switches recording and serving off
         self.registry = registry or CollectorRegistry()
         self._aliases = frozenset(cfg.models)
         self._providers = frozenset(cfg.providers)
@@ -109,6 +110,8 @@ class Metrics:
 
     # -- recording
     def observe(self, ex: Exchange, now: float) -> None:
+        if not self.enabled:
+            return
         labels = (self.alias(ex.alias), self.provider(ex.provider), self.model(ex.target_model), self.team(ex.team))
         outcome = outcome_of(ex)
         status = ex.status or 0
@@ -136,6 +139,8 @@ class Metrics:
 
     def refused(self, status: int, code: str) -> None:
         """A request refused before an exchange existed (bad path, bad body, unknown alias)."""
+        if not self.enabled:
+            return
         none = (NONE, NONE, NONE, self.team(None))
         self.requests.labels(*none, "client_error" if status < 500 else "gateway_error", f"{status // 100}xx",
                              code).inc()
@@ -149,16 +154,18 @@ class Metrics:
             reason = "5xx"
         else:
             reason = f"{previous_status // 100}xx"
-        self.fallbacks.labels(self.alias(alias), self.provider(from_provider), reason).inc()
+        if self.enabled:
+            self.fallbacks.labels(self.alias(alias), self.provider(from_provider), reason).inc()
 
     def upstream_error(self, provider: str, status: int) -> None:
         kind = "no_response" if not status else "429" if status == 429 else f"{status // 100}xx"
-        self.upstream_errors.labels(self.provider(provider), kind).inc()
+        if self.enabled:
+            self.upstream_errors.labels(self.provider(provider), kind).inc()
 
     # -- serving
     def serve(self, address: Address) -> None:
         """Serve /metrics from a thread of its own (never on the gRPC event loop); port 0 turns it off."""
-        if address.port == 0:
+        if not self.enabled:
             return
         server, thread = start_http_server(address.port, addr=address.host, registry=self.registry)
         self._server = (server, thread)
