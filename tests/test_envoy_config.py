@@ -83,3 +83,13 @@ def test_no_credential_appears_in_envoys_config_dump(gateway, fake_openai, fake_
     for key in (OPENAI_KEY, AZURE_KEY, ANTHROPIC_KEY):
         assert key not in dump
     assert yaml.safe_load(dump)  # a well-formed dump, not an error page
+
+
+def test_the_rendered_config_reads_into_envoys_typed_messages():
+    from extproc.envoy_config import typed_check
+
+    boot = yaml.safe_load((ENVOY_DIR / "envoy.example.yaml").read_text())
+    typed_check(boot)
+    boot["static_resources"]["listeners"][0]["per_connection_buffer_limt_bytes"] = 1
+    with pytest.raises(ValueError, match="per_connection_buffer_limt_bytes"):
+        typed_check(boot)
