@@ -336,8 +336,6 @@ def _target_cluster(
     }
     if kind == "STRICT_DNS":
         cluster["dns_lookup_family"] = "V4_PREFERRED"
-        cluster["dns_refresh_rate"] = "30s"
-        cluster["respect_dns_ttl"] = True
     if p.tls:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
