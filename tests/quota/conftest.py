@@ -1,0 +1,76 @@
+"""Fixtures for the quota specs: a real redis-server, and stores over both backends.
+
+``async def`` tests run on a fresh event loop per test (``runner``), which the
+fixtures use too, so clients are opened and closed on the loop that uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis.asyncio as aioredis
+
+from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.redis_store import RedisQuotaStore
+from extproc.quota.store import QuotaStore
+from tests.quota.redis_process import RedisProcess
+
+UTC = ZoneInfo("UTC")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    runner: asyncio.Runner = pyfuncitem.funcargs["runner"]
+    names = pyfuncitem._fixtureinfo.argnames
+    runner.run(pyfuncitem.obj(**{n: pyfuncitem.funcargs[n] for n in names}))
+    return True
+
+
+@pytest.fixture(autouse=True)
+def runner() -> Iterator[asyncio.Runner]:
+    with asyncio.Runner() as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisProcess, runner: asyncio.Runner) -> Iterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    runner.run(client.flushall())
+    yield client
+    runner.run(client.aclose())
+
+
+StoreFactory = Callable[..., QuotaStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> StoreFactory:
+    """Builds stores of one kind (keyword arguments go to the constructor)."""
+    if request.param == "memory":
+        return lambda **kw: MemoryQuotaStore(tz=UTC, **kw)
+    client = request.getfixturevalue("redis_client")
+    return lambda **kw: RedisQuotaStore(client, tz=UTC, **kw)
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> QuotaStore:
+    """The same specs run against the embedded store and a real Redis."""
+    return make_store()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
