@@ -45,10 +45,11 @@ from extproc.quota.store import (
 Meta = tuple[str, Kind, Period]  # scope, kind, period of one check, in script order
 
 
-def lua_source(name: str) -> str:
-    """The script ``name`` as loaded: the shared prelude, then the operation."""
+def lua_source(name: str, *, with_common: bool = True) -> str:
+    """The script ``name`` as loaded: the shared prelude (quota operations), then the script."""
     folder = resources.files("extproc.quota") / "lua"
-    return (folder / "common.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    prelude = (folder / "common.lua").read_text() + "\n" if with_common else ""
+    return prelude + (folder / f"{name}.lua").read_text()
 
 
 class RedisQuotaStore:

@@ -1,0 +1,99 @@
+"""Every completed request is recorded once and can be summed for chargeback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from extproc.quota.ledger import FileLedger, Ledger, RedisLedger, UsageRecord, format_totals, parse_since, totals
+from tests.quota.redis_process import RedisProcess
+
+LedgerFactory = Callable[[], Ledger]
+
+
+def record(rid: str, *, team: str = "ml", model: str = "gpt-4o", micro: int = 1_000, principal: str = "alice",
+           inp: int = 100, out: int = 10, cached: int = 0) -> UsageRecord:
+    return UsageRecord(rid, principal, team, "chat", "openai", model, inp, out, cached, micro, "miss")
+
+
+@pytest.fixture(params=["file", "redis"])
+def make_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerFactory:
+    if request.param == "file":
+        return lambda: FileLedger(tmp_path / "usage.jsonl")
+    client = request.getfixturevalue("redis_client")
+    return lambda: RedisLedger(client)
+
+
+async def test_records_are_summed_per_model_for_one_team(make_ledger: LedgerFactory) -> None:
+    ledger = make_ledger()
+    since = time.time() - 1
+    await ledger.append(record("r1", model="gpt-4o", micro=2_500, inp=1_000, out=0, cached=200))
+    await ledger.append(record("r2", model="gpt-4o", micro=7_500, inp=0, out=750))
+    await ledger.append(record("r3", model="claude-sonnet-4-5", micro=18_000))
+    await ledger.append(record("r4", team="search", micro=1_000_000))
+    by_model = await totals(ledger, since=since, team="ml", by="model")
+    assert list(by_model) == ["claude-sonnet-4-5", "gpt-4o"]
+    gpt = by_model["gpt-4o"]
+    assert (gpt.requests, gpt.input_tokens, gpt.cached_tokens, gpt.output_tokens, gpt.micro_usd) == (
+        2, 1_000, 200, 750, 10_000)
+    everything = await totals(ledger, since=since)
+    assert everything["total"].micro_usd == 2_500 + 7_500 + 18_000 + 1_000_000
+    assert (await totals(ledger, since=since, by="team"))["search"].requests == 1
+    table = format_totals(by_model, "model")
+    assert "gpt-4o" in table and "0.010000" in table and table.splitlines()[-1].startswith("total")
+
+
+async def test_a_retried_append_is_recorded_once(make_ledger: LedgerFactory) -> None:
+    ledger = make_ledger()
+    assert await ledger.append(record("same-request"))
+    assert not await ledger.append(record("same-request"))
+    assert not await make_ledger().append(record("same-request"))  # another sidecar (or a restarted one)
+    assert (await totals(ledger, since=0))["total"].requests == 1
+
+
+async def test_since_and_until_select_by_the_ledgers_time(make_ledger: LedgerFactory) -> None:
+    ledger = make_ledger()
+    await ledger.append(record("old"))
+    cut = time.time() + 0.05
+    time.sleep(0.1)
+    await ledger.append(record("new"))
+    new = [r.request_id async for r in ledger.records(since=cut)]
+    old = [r.request_id async for r in ledger.records(since=0, until=cut)]
+    assert (new, old) == (["new"], ["old"])
+    assert await totals(ledger, since=time.time() + 60) == {}
+
+
+def test_durations_for_since() -> None:
+    assert [parse_since(s) for s in ("90s", "30m", "24h", "7d")] == [90, 1_800, 86_400, 604_800]
+    with pytest.raises(ValueError):
+        parse_since("yesterday")
+
+
+async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    ledger = FileLedger(tmp_path / "usage.jsonl")
+    await ledger.append(record("whole"))
+    with open(tmp_path / "usage.jsonl", "a") as f:
+        f.write('{"request_id": "torn", "princ')
+    assert [r.request_id async for r in ledger.records(since=0)] == ["whole"]
+
+
+async def test_records_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path / "aof", appendonly=True) as server:
+        client = aioredis.Redis.from_url(server.url)
+        ledger = RedisLedger(client)
+        for i in range(50):
+            await ledger.append(record(f"r{i}", micro=1_234 + i))
+        await client.aclose()
+
+        server.restart()  # SIGTERM, then start again on the same port and directory
+
+        client = aioredis.Redis.from_url(server.url)
+        again = RedisLedger(client)
+        t = (await totals(again, since=0))["total"]
+        assert (t.requests, t.micro_usd) == (50, sum(1_234 + i for i in range(50)))
+        assert not await again.append(record("r7"))  # still remembered as recorded
+        await client.aclose()
