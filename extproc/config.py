@@ -50,6 +50,17 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class AzureAd:
+    """Azure AD (Entra ID) client-credentials for an azure_openai provider."""
+
+    client_id: str
+    client_secret: SecretRef
+    token_url: str  # https://login.microsoftonline.com/TENANT/oauth2/v2.0/token unless given
+    scope: str = "https://cognitiveservices.azure.com/.default"
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     type: str
@@ -61,6 +72,7 @@ class Provider:
     organization: str | None = None  # openai
     project: str | None = None  # openai
     connect_timeout: float = 5.0
+    azure_ad: AzureAd | None = None  # azure_openai: a bearer token from Azure AD instead of api-key
 
     @property
     def tls(self) -> bool:
@@ -115,6 +127,70 @@ class EnvoySettings:
     concurrency: int = 2
 
 
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+AUTH_MODES = ("none", "jwt")
+
+
+@dataclass(frozen=True)
+class ClaimPaths:
+    """Where the identity is in a token's claims; each a list of dotted paths, first present wins."""
+
+    principal: tuple[str, ...] = ("sub",)
+    teams: tuple[str, ...] = ()
+    tier: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """One trusted token issuer and where its signing keys come from (exactly one source)."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    jwks_ca_file: str | None = None  # a private CA for jwks_url (e.g. a cluster's API server)
+    dev_key_file: str | None = None  # `tollgate dev-token` signs with this key; local use only
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    required_claims: tuple[str, ...] = ()
+    claims: ClaimPaths = ClaimPaths()
+    leeway: float = 30.0
+    jwks_cache_ttl: float = 600.0  # keys older than this are re-fetched in the background
+    jwks_refresh_min_interval: float = 30.0  # an unknown kid fetches the JWKS at most this often
+    jwks_timeout: float = 3.0
+
+
+@dataclass(frozen=True)
+class DenyListSettings:
+    file: str | None = None  # the embedded store, when no redis is configured
+    poll_interval: float = 0.25
+    on_redis_down: str = "last_known"  # last_known | refuse
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mode: str = "none"
+    issuers: tuple[Issuer, ...] = ()
+    default_team: str | None = None  # for identities that match no configured team
+    max_token_bytes: int = 8192
+    token_cache_size: int = 10_000
+    audit: str = "all"  # all | refusals
+    deny_list: DenyListSettings = DenyListSettings()
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    models: tuple[str, ...] | None = None  # aliases this team may call; None: all of them
+    claim_values: tuple[str, ...] = ()  # values of the teams claim that mean this team (default: its name)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str
+    password: SecretRef | None = None
+    key_prefix: str = "tollgate"
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: Address = Address("127.0.0.1", 10000)
@@ -124,6 +200,9 @@ class GatewayConfig:
     limits: Limits = Limits()
     providers: dict[str, Provider] = field(default_factory=dict)
     models: dict[str, ModelAlias] = field(default_factory=dict)
+    auth: AuthSettings = AuthSettings()
+    teams: dict[str, Team] = field(default_factory=dict)
+    redis: RedisSettings | None = None
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -259,10 +338,16 @@ class _Builder:
 
     # -- sections
     def gateway(self, data: Any) -> GatewayConfig:
-        top = self.mapping(data, "", {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models"})
+        top = self.mapping(
+            data, "", {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis"}
+        )
         d = GatewayConfig()
         providers = self.providers(top.get("providers"))
         models = self.models(top.get("models"), providers)
+        declared = {str(k) for k in top.get("models") or {}} if isinstance(top.get("models"), dict) else set()
+        teams = self.teams(top.get("teams"), declared, set(models))
+        redis = self.redis(top.get("redis"))
+        auth = self.auth(top.get("auth"), teams, redis)
         return GatewayConfig(
             listen=self.address(top.get("listen"), "listen", d.listen),
             extproc=self.address(top.get("extproc"), "extproc", d.extproc),
@@ -271,6 +356,9 @@ class _Builder:
             limits=self.limits(top.get("limits")),
             providers={k: p for k, p in providers.items() if p is not None},
             models=models,
+            auth=auth,
+            teams=teams,
+            redis=redis,
             source=self.source,
         )
 
@@ -312,7 +400,7 @@ class _Builder:
             v,
             path,
             {"type", "base_url", "api_key", "api_keys", "api_version", "anthropic_version", "default_max_tokens",
-             "organization", "project", "connect_timeout", "when_env"},
+             "organization", "project", "connect_timeout", "when_env", "azure_ad"},
         )
         when = self.string(m.get("when_env"), f"{path}.when_env")
         if when and not self.env.get(when):
@@ -328,8 +416,13 @@ class _Builder:
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             raise self.fail(f"{path}.base_url", "expected an http(s) URL such as https://api.openai.com/v1")
         keys = self.secrets(m, path)
-        if ptype in ("openai", "azure_openai", "anthropic") and not keys:
-            raise self.fail(path, "needs api_key (env: NAME or file: PATH)")
+        azure_ad = self.azure_ad(m.get("azure_ad"), f"{path}.azure_ad") if "azure_ad" in m else None
+        if azure_ad is not None and ptype != "azure_openai":
+            raise self.fail(f"{path}.azure_ad", "only azure_openai providers authenticate with Azure AD")
+        if azure_ad is not None and keys:
+            raise self.fail(f"{path}.azure_ad", "give api_key(s) or azure_ad, not both")
+        if ptype in ("openai", "azure_openai", "anthropic") and not keys and azure_ad is None:
+            raise self.fail(path, "needs api_key (env: NAME or file: PATH)" + (" or azure_ad" if ptype == "azure_openai" else ""))
         api_version = self.string(m.get("api_version"), f"{path}.api_version")
         if ptype == "azure_openai" and not api_version:
             raise self.fail(f"{path}.api_version", "is required for azure_openai (e.g. 2024-10-21)")
@@ -345,6 +438,7 @@ class _Builder:
             organization=self.string(m.get("organization"), f"{path}.organization"),
             project=self.string(m.get("project"), f"{path}.project"),
             connect_timeout=self.duration(m.get("connect_timeout"), f"{path}.connect_timeout", 5.0),
+            azure_ad=azure_ad,
         )
 
     def secrets(self, m: dict[str, Any], path: str) -> tuple[SecretRef, ...]:
@@ -357,14 +451,39 @@ class _Builder:
             if not isinstance(raw, list):
                 raise self.fail(f"{path}.api_keys", "expected a list")
             items, base = raw, f"{path}.api_keys"
-        refs = []
-        for i, item in enumerate(items):
-            p = base if "api_key" in m else f"{base}[{i}]"
-            s = self.mapping(item, p, {"env", "file"})
-            if len(s) != 1:
-                raise self.fail(p, "expected exactly one of env: NAME or file: PATH")
-            refs.append(SecretRef(env=self.string(s.get("env"), f"{p}.env"), file=self.string(s.get("file"), f"{p}.file")))
-        return tuple(refs)
+        return tuple(self.secret(item, base if "api_key" in m else f"{base}[{i}]") for i, item in enumerate(items))
+
+    def secret(self, v: Any, path: str) -> SecretRef:
+        s = self.mapping(v, path, {"env", "file"})
+        if len(s) != 1:
+            raise self.fail(path, "expected exactly one of env: NAME or file: PATH")
+        file = self.string(s.get("file"), f"{path}.file")
+        return SecretRef(env=self.string(s.get("env"), f"{path}.env"), file=self.path(file) if file else None)
+
+    def path(self, v: str) -> str:
+        """A file path from the config; ``~`` means $HOME."""
+        if v == "~" or v.startswith("~/"):
+            return self.env.get("HOME", "") + v[1:]
+        return v
+
+    def url(self, v: Any, path: str, *, required: bool = False, default: str | None = None) -> str | None:
+        """An https URL (plain http only for loopback hosts, which tests and local IdPs use)."""
+        u = self.string(v, path, required=required, default=default)
+        if u is None:
+            return None
+        parts = urlsplit(u)
+        loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+        if not parts.hostname or parts.fragment or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+            raise self.fail(path, "expected an https:// URL (http:// only for localhost)")
+        return u
+
+    def strings(self, v: Any, path: str) -> tuple[str, ...]:
+        """One string or a list of strings."""
+        if v is None:
+            return ()
+        items = v if isinstance(v, list) else [v]
+        return tuple(self.string(x, f"{path}[{i}]" if isinstance(v, list) else path, required=True) or ""
+                     for i, x in enumerate(items))
 
     def models(self, v: Any, providers: dict[str, Provider | None]) -> dict[str, ModelAlias]:
         m = self.mapping(v, "models", set(v or {}))
@@ -404,4 +523,180 @@ class _Builder:
             first_byte_timeout=self.duration(m.get("first_byte_timeout"), f"{path}.first_byte_timeout", 30.0),
             retry_on_429=self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True),
             owned_by=self.string(m.get("owned_by"), f"{path}.owned_by", default="tollgate") or "tollgate",
+        )
+
+    # -- identity and access
+    def azure_ad(self, v: Any, path: str) -> AzureAd:
+        m = self.mapping(v, path, {"tenant_id", "client_id", "client_secret", "token_url", "scope", "timeout"})
+        tenant = self.string(m.get("tenant_id"), f"{path}.tenant_id")
+        if tenant is not None and not re.fullmatch(r"[A-Za-z0-9.-]{1,128}", tenant):
+            raise self.fail(f"{path}.tenant_id", "expected a tenant id or domain")
+        if tenant is None and "token_url" not in m:
+            raise self.fail(path, "needs tenant_id (or token_url)")
+        default_url = f"https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token" if tenant else None
+        if "client_secret" not in m:
+            raise self.fail(f"{path}.client_secret", "is required (env: NAME or file: PATH)")
+        return AzureAd(
+            client_id=self.string(m.get("client_id"), f"{path}.client_id", required=True) or "",
+            client_secret=self.secret(m.get("client_secret"), f"{path}.client_secret"),
+            token_url=self.url(m.get("token_url"), f"{path}.token_url", default=default_url) or "",
+            scope=self.string(m.get("scope"), f"{path}.scope", default=AzureAd.scope) or AzureAd.scope,
+            timeout=self.duration(m.get("timeout"), f"{path}.timeout", AzureAd.timeout),
+        )
+
+    def redis(self, v: Any) -> RedisSettings | None:
+        if v is None:
+            return None
+        m = self.mapping(v, "redis", {"url", "password", "key_prefix"})
+        url = self.string(m.get("url"), "redis.url", required=True) or ""
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise self.fail("redis.url", "expected redis://HOST:PORT[/DB], rediss://… or unix://PATH")
+        prefix = self.string(m.get("key_prefix"), "redis.key_prefix", default="tollgate") or "tollgate"
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", prefix):
+            raise self.fail("redis.key_prefix", "use letters, digits and . _ : -")
+        password = self.secret(m["password"], "redis.password") if "password" in m else None
+        return RedisSettings(url=url, password=password, key_prefix=prefix)
+
+    def teams(self, v: Any, declared: set[str], usable: set[str]) -> dict[str, Team]:
+        m = self.mapping(v, "teams", set(v or {}) if isinstance(v, dict) else set())
+        out: dict[str, Team] = {}
+        for name, spec in m.items():
+            path = f"teams.{name}"
+            if not _NAME.match(str(name)):
+                raise self.fail(path, "team names use letters, digits and . _ : / -")
+            t = self.mapping(spec, path, {"models", "claim_values"})
+            models: tuple[str, ...] | None = None
+            if "models" in t:
+                listed = self.strings(t["models"], f"{path}.models")
+                for i, alias in enumerate(listed):
+                    if alias != "*" and alias not in declared:
+                        raise self.fail(f"{path}.models[{i}]", f"unknown model alias {alias!r}")
+                models = None if "*" in listed else tuple(a for a in listed if a in usable)
+            values = self.strings(t.get("claim_values"), f"{path}.claim_values") or (str(name),)
+            out[str(name)] = Team(name=str(name), models=models, claim_values=values)
+        return out
+
+    def auth(self, v: Any, teams: dict[str, Team], redis: RedisSettings | None) -> AuthSettings:
+        m = self.mapping(
+            v, "auth", {"mode", "issuers", "default_team", "leeway", "max_token_bytes", "token_cache_size", "audit",
+                        "deny_list"}
+        )
+        d = AuthSettings()
+        mode = self.string(m.get("mode"), "auth.mode", default=d.mode) or d.mode
+        if mode not in AUTH_MODES:
+            raise self.fail("auth.mode", f"expected one of {', '.join(AUTH_MODES)}")
+        leeway = self.seconds(m.get("leeway"), "auth.leeway", 30.0, lo=0.0, hi=300.0)
+        raw = m.get("issuers") or []
+        if not isinstance(raw, list):
+            raise self.fail("auth.issuers", "expected a list")
+        issuers = tuple(self.issuer(x, f"auth.issuers[{i}]", leeway) for i, x in enumerate(raw))
+        seen: set[str] = set()
+        for i, iss in enumerate(issuers):
+            if iss.issuer in seen:
+                raise self.fail(f"auth.issuers[{i}].issuer", f"issuer {iss.issuer!r} is listed twice")
+            seen.add(iss.issuer)
+        if mode == "jwt" and not issuers:
+            raise self.fail("auth.issuers", "mode jwt needs at least one issuer")
+        default_team = self.string(m.get("default_team"), "auth.default_team")
+        if default_team is not None and default_team not in teams:
+            raise self.fail("auth.default_team", f"unknown team {default_team!r} (teams: {', '.join(teams) or 'none'})")
+        audit = self.string(m.get("audit"), "auth.audit", default="all") or "all"
+        if audit not in ("all", "refusals"):
+            raise self.fail("auth.audit", "expected all or refusals")
+        return AuthSettings(
+            mode=mode,
+            issuers=issuers,
+            default_team=default_team,
+            max_token_bytes=self.integer(m.get("max_token_bytes"), "auth.max_token_bytes", d.max_token_bytes, 512,
+                                         32 * 1024),
+            token_cache_size=self.integer(m.get("token_cache_size"), "auth.token_cache_size", d.token_cache_size, 0,
+                                          10_000_000),
+            audit=audit,
+            deny_list=self.deny_list(m.get("deny_list"), redis),
+        )
+
+    def seconds(self, v: Any, path: str, default: float, *, lo: float, hi: float) -> float:
+        """A duration that may be zero."""
+        if v in (0, "0", "0s"):
+            return 0.0
+        value = self.duration(v, path, default)
+        if not lo <= value <= hi:
+            raise self.fail(path, f"expected a duration from {lo:g}s to {hi:g}s")
+        return value
+
+    def issuer(self, v: Any, path: str, leeway: float) -> Issuer:
+        m = self.mapping(
+            v, path, {"issuer", "audiences", "audience", "jwks_url", "jwks_file", "jwks_ca_file", "dev_key_file",
+                      "algorithms", "required_claims", "claims", "leeway", "jwks_cache_ttl",
+                      "jwks_refresh_min_interval", "jwks_timeout"}
+        )
+        sources = [k for k in ("jwks_url", "jwks_file", "dev_key_file") if k in m]
+        if len(sources) != 1:
+            raise self.fail(path, "needs exactly one key source: jwks_url, jwks_file or dev_key_file")
+        if "audience" in m and "audiences" in m:
+            raise self.fail(f"{path}.audiences", "give audience or audiences, not both")
+        aud_key = "audience" if "audience" in m else "audiences"
+        audiences = self.strings(m.get(aud_key), f"{path}.{aud_key}")
+        if not audiences:
+            raise self.fail(f"{path}.audiences", "is required: the audience(s) your IdP puts in tokens for this gateway")
+        algorithms = self.algorithms(m.get("algorithms"), f"{path}.algorithms")
+        if "dev_key_file" in m and algorithms != ("ES256",) and "algorithms" in m:
+            raise self.fail(f"{path}.algorithms", "a dev key signs with ES256 only")
+        files = {k: self.path(self.string(m.get(k), f"{path}.{k}") or "") or None
+                 for k in ("jwks_file", "jwks_ca_file", "dev_key_file")}
+        return Issuer(
+            issuer=self.string(m.get("issuer"), f"{path}.issuer", required=True) or "",
+            audiences=audiences,
+            jwks_url=self.url(m.get("jwks_url"), f"{path}.jwks_url"),
+            jwks_file=files["jwks_file"],
+            jwks_ca_file=files["jwks_ca_file"],
+            dev_key_file=files["dev_key_file"],
+            algorithms=("ES256",) if "dev_key_file" in m else algorithms,
+            required_claims=self.strings(m.get("required_claims"), f"{path}.required_claims"),
+            claims=self.claim_paths(m.get("claims"), f"{path}.claims"),
+            leeway=self.seconds(m.get("leeway"), f"{path}.leeway", leeway, lo=0.0, hi=300.0),
+            jwks_cache_ttl=self.duration(m.get("jwks_cache_ttl"), f"{path}.jwks_cache_ttl", Issuer.jwks_cache_ttl),
+            jwks_refresh_min_interval=self.seconds(m.get("jwks_refresh_min_interval"),
+                                                   f"{path}.jwks_refresh_min_interval",
+                                                   Issuer.jwks_refresh_min_interval, lo=0.0, hi=3600.0),
+            jwks_timeout=self.duration(m.get("jwks_timeout"), f"{path}.jwks_timeout", Issuer.jwks_timeout),
+        )
+
+    def algorithms(self, v: Any, path: str) -> tuple[str, ...]:
+        if v is None:
+            return Issuer.algorithms
+        algs = self.strings(v, path)
+        for i, a in enumerate(algs):
+            where = f"{path}[{i}]" if isinstance(v, list) else path
+            if a.lower() == "none" or a.upper().startswith("HS"):
+                raise self.fail(where, f"{a} is never accepted: tokens must be signed with an asymmetric key")
+            if a not in JWT_ALGORITHMS:
+                raise self.fail(where, f"unknown algorithm {a!r} (expected some of {', '.join(JWT_ALGORITHMS)})")
+        if not algs:
+            raise self.fail(path, "expected at least one algorithm")
+        return algs
+
+    def claim_paths(self, v: Any, path: str) -> ClaimPaths:
+        m = self.mapping(v, path, {"principal", "teams", "tier"})
+        return ClaimPaths(
+            principal=self.strings(m.get("principal"), f"{path}.principal") or ClaimPaths.principal,
+            teams=self.strings(m.get("teams"), f"{path}.teams"),
+            tier=self.strings(m.get("tier"), f"{path}.tier"),
+        )
+
+    def deny_list(self, v: Any, redis: RedisSettings | None) -> DenyListSettings:
+        m = self.mapping(v, "auth.deny_list", {"file", "poll_interval", "on_redis_down"})
+        file = self.string(m.get("file"), "auth.deny_list.file")
+        if file is not None and redis is not None:
+            raise self.fail("auth.deny_list.file", "the deny list lives in redis when redis is configured")
+        if file is None and redis is None:
+            state = self.env.get("XDG_STATE_HOME") or (self.env.get("HOME", "/tmp") + "/.local/state")
+            file = state + "/tollgate/deny-list.json"
+        policy = self.string(m.get("on_redis_down"), "auth.deny_list.on_redis_down", default="last_known")
+        if policy not in ("last_known", "refuse"):
+            raise self.fail("auth.deny_list.on_redis_down", "expected last_known or refuse")
+        return DenyListSettings(
+            file=self.path(file) if file else None,
+            poll_interval=self.duration(m.get("poll_interval"), "auth.deny_list.poll_interval", 0.25),
+            on_redis_down=policy or "last_known",
         )

@@ -54,6 +54,28 @@ class BadRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class Unauthenticated(GatewayError):
+    """401: no usable credential. Carries the RFC 6750 challenge, with a description safe to show."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_token"
+
+    def __init__(self, description: str, *, code: str | None = None) -> None:
+        safe = "".join(c for c in description if c.isprintable() and c not in '"\\')[:200]
+        challenge = f'Bearer realm="tollgate", error="invalid_token", error_description="{safe}"'
+        super().__init__(f"authentication failed: {safe}", code=code, headers={"www-authenticate": challenge})
+        self.description = safe
+
+
+class Forbidden(GatewayError):
+    """403: the caller is known but may not do this."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -76,6 +98,14 @@ class UpstreamError(GatewayError):
     status = 502
     type = "api_error"
     code = "upstream_error"
+
+
+class Unavailable(GatewayError):
+    """503: something the gateway depends on (an IdP, a store) cannot answer now; fails closed."""
+
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
 
 
 class Internal(GatewayError):
