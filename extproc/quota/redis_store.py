@@ -26,6 +26,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -50,6 +52,19 @@ def lua_source(name: str, *, with_common: bool = True) -> str:
     folder = resources.files("extproc.quota") / "lua"
     prelude = (folder / "common.lua").read_text() + "\n" if with_common else ""
     return prelude + (folder / f"{name}.lua").read_text()
+
+
+def connect(url: str, *, timeout: float = 0.25, max_connections: int = 64) -> aioredis.Redis:
+    """A client sized for the request path: short timeouts and no retry loop.
+
+    redis-py's default retries with backoff for seconds, far past Envoy's
+    per-message timeout; a quota call that cannot finish quickly must fail
+    (closed or open, as configured) instead.
+    """
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+        max_connections=max_connections, health_check_interval=30,
+    )
 
 
 class RedisQuotaStore:

@@ -9,7 +9,7 @@ import pytest
 
 from extproc.quota.clock import OffsetClock
 from extproc.quota.limits import Budget, Rejection, Reservation, ScopeLimits, TokenBucket
-from extproc.quota.redis_store import RedisQuotaStore
+from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.store import QuotaUnavailable
 from tests.harness import free_port
 from tests.quota.conftest import UTC
@@ -70,7 +70,7 @@ async def test_a_reserve_is_one_round_trip(redis_client: aioredis.Redis) -> None
 
 
 async def test_an_unreachable_store_fails_closed() -> None:
-    client = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    client = connect(f"redis://127.0.0.1:{free_port()}/0")
     store = RedisQuotaStore(client, tz=UTC)
     with pytest.raises(QuotaUnavailable) as caught:
         await store.reserve([TEAM], 1, 1, lease_seconds=30)

@@ -1,0 +1,172 @@
+"""The request path's view: admit before routing, meter the stream, finish once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc.errors import GatewayError
+from extproc.providers.base import Usage
+from extproc.quota.ledger import FileLedger, totals
+from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.policy import QuotaPolicy
+from extproc.quota.prices import UnpricedModel
+from extproc.quota.redis_store import RedisQuotaStore, connect
+from extproc.quota.settings import QuotaSettings, parse_quota
+from extproc.quota.store import QuotaUnavailable
+from extproc.quota.tokenizer import Tokenizer
+from extproc.quota.governor import Admission, Caller, Governor
+from tests.harness import free_port
+from tests.quota.conftest import UTC
+
+CONFIG = """
+quota:
+  time_zone: Europe/Berlin
+  stream_slice_tokens: 100
+  default_max_tokens: 1000
+  limits:
+    org: {usd_per_day: 2000}
+    teams:
+      ml: {tokens_per_minute: 2000000, usd_per_day: 50}
+      tiny: {usd_per_day: 0.05}
+    principals:
+      "*": {tokens_per_minute: 200000, burst: 400000}
+"""
+TOKENIZER = Tokenizer()
+HELLO = {"model": "chat", "messages": [{"role": "user", "content": "hello world"}]}  # 9 prompt tokens on gpt-4o
+
+
+def settings(**changes: object) -> QuotaSettings:
+    q = yaml.safe_load(CONFIG)["quota"]
+    q.update(changes)
+    return parse_quota(q)
+
+
+def governor(tmp_path: Path, s: QuotaSettings | None = None, store: object = None) -> Governor:
+    s = s or settings()
+    return Governor(s, store=store or MemoryQuotaStore(tz=UTC), ledger=FileLedger(tmp_path / "usage.jsonl"),  # type: ignore[arg-type]
+                    tokenizer=TOKENIZER)
+
+
+def caller(rid: str = "req-1", team: str = "ml") -> Caller:
+    return Caller(rid, "alice", team, "chat")
+
+
+def test_the_issue_example_becomes_four_scopes() -> None:
+    scopes = QuotaPolicy(settings()).scopes(principal="alice", team="ml", alias="chat")
+    assert [s.scope for s in scopes] == ["principal:alice", "team:ml", "org"]
+    team = scopes[1]
+    assert team.bucket is not None and (team.bucket.per_minute, team.bucket.burst) == (2_000_000, 2_000_000)
+    assert [(b.period, b.limit_micro_usd) for b in team.budgets] == [("day", 50_000_000)]
+    assert scopes[2].budgets[0].limit_micro_usd == 2_000_000_000
+    assert [s.scope for s in QuotaPolicy(settings()).scopes(principal=None, team=None, alias="x")] == ["org"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"store": "redis"}, "quota.redis.url: is required"),
+    ({"time_zone": "Europe/Atlantis"}, "quota.time_zone: unknown time zone"),
+    ({"limits": {"teams": {"ml": {"usd_per_day": "lots"}}}}, "quota.limits.teams.ml.usd_per_day"),
+    ({"limits": {"teams": {"ml": {"usd_per_day": 0.0000001}}}}, "at most 6 decimals"),
+    ({"limits": {"teams": {"ml": {"burst": 10}}}}, "quota.limits.teams.ml.burst: needs tokens_per_minute"),
+    ({"limits": {"teams": {"ml": {"tokens_per_min": 10}}}}, "quota.limits.teams.ml.tokens_per_min: unknown key"),
+    ({"lease": "forever"}, "quota.lease: expected a duration"),
+    ({"on_store_error": "pray"}, "quota.on_store_error"),
+    ({"prices": {"x": {"input": 1}}}, "quota.prices.x.output: is required"),
+])
+def test_bad_quota_config_names_the_key(change: dict, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        settings(**change)
+    assert message in str(caught.value)
+
+
+async def admit(g: Governor, body: dict = HELLO, *, rid: str = "req-1", team: str = "ml", model: str = "gpt-4o",
+                stream: bool = False) -> Admission:
+    return await g.admit(body, caller=caller(rid, team), model=model, stream=stream)
+
+
+async def test_a_plain_request_reserves_its_worst_case_and_settles_what_it_used(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    a = await admit(g, {**HELLO, "max_tokens": 500})
+    assert (a.reservation.tokens, a.reservation.micro_usd) == (9 + 500, 9 * 2.5 + 500 * 10 + 0.5)  # rounded up
+    assert a.upstream_changes() == {}
+    assert a.headers()["x-ratelimit-limit-tokens"] == "400000"  # alice's bucket is the tightest
+    record = await a.finish(Usage(9, 20, 0), provider="openai", model="gpt-4o-2024-08-06", cache_status="miss")
+    assert (record.micro_usd, record.team, record.model) == (23 + 200, "ml", "gpt-4o-2024-08-06")
+    assert await a.finish(Usage(9, 20, 0), provider="openai") is record  # once
+    spent = (await totals(g.ledger, since=0, team="ml"))["total"]
+    assert (spent.requests, spent.micro_usd) == (1, 223)
+
+
+async def test_without_max_tokens_the_default_cap_is_reserved_and_injected(tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path))
+    assert a.reservation.tokens == 9 + 1000 and a.upstream_changes() == {"max_tokens": 1000}
+
+
+async def test_over_budget_is_a_429_insufficient_quota(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    with pytest.raises(GatewayError) as caught:
+        await admit(g, {**HELLO, "max_tokens": 10_000}, team="tiny")  # up to $0.10 against $0.05
+    e = caught.value
+    assert (e.status, e.code, e.type) == (429, "insufficient_quota", "insufficient_quota")
+    assert int(e.headers["retry-after"]) >= 1 and "team:tiny" in e.message
+
+
+async def test_a_stream_is_topped_up_slice_by_slice_and_cut_when_the_budget_ends(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    a = await admit(g, {**HELLO, "stream": True, "max_tokens": 100_000}, team="tiny", stream=True)
+    assert a.reservation.tokens == 9 + 100  # prompt + one slice, not the whole max_tokens
+    assert a.upstream_changes() == {"stream_options": {"include_usage": True}} and a.strip_usage_chunk
+    word = " hello"  # one token
+    with pytest.raises(GatewayError) as caught:
+        for _ in range(100_000):
+            await a.on_output(word)
+    assert caught.value.code == "insufficient_quota"
+    produced = a._meter.tokens
+    # $0.05 buys 5,000 output tokens at $10/1M (minus the prompt): the stream stops within one slice of it
+    assert 4_900 <= produced <= 5_000 + 100
+    record = await a.finish(None, provider="openai")  # the stream ended without usage: bill what was produced
+    assert (record.input_tokens, record.output_tokens) == (9, produced)
+    assert record.micro_usd == -(-(9 * 25 + produced * 100) // 10)
+
+
+async def test_a_client_that_asked_for_usage_keeps_its_usage_chunk(tmp_path: Path) -> None:
+    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 10}
+    a = await admit(governor(tmp_path), body, stream=True)
+    assert not a.strip_usage_chunk and a.upstream_changes() == {}
+
+
+async def test_a_failed_upstream_is_billed_nothing(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    a = await admit(g, {**HELLO, "max_tokens": 10})
+    record = await a.finish(None, provider="openai", answered=False)
+    assert record.micro_usd == 0
+
+
+async def test_an_unpriced_model_is_refused_before_anything_is_reserved(tmp_path: Path) -> None:
+    with pytest.raises(UnpricedModel):
+        await admit(governor(tmp_path), model="my-finetune")
+    priced = settings(default_price={"input": 1, "output": 1})
+    assert (await admit(governor(tmp_path, priced), model="my-finetune")).reservation.micro_usd == 9 + 1000
+
+
+async def test_a_store_outage_fails_closed_by_default(tmp_path: Path) -> None:
+    dead = RedisQuotaStore(connect(f"redis://127.0.0.1:{free_port()}/0"), tz=UTC)
+    g = governor(tmp_path, store=dead)
+    with pytest.raises(QuotaUnavailable) as caught:
+        await admit(g)
+    assert caught.value.status == 503 and g.store_errors == 1
+    await dead.close()
+
+
+async def test_fail_open_admits_against_local_limits_divided_by_the_replicas(tmp_path: Path) -> None:
+    dead = RedisQuotaStore(connect(f"redis://127.0.0.1:{free_port()}/0"), tz=UTC)
+    g = governor(tmp_path, settings(on_store_error="fail_open", replicas=4), store=dead)
+    a = await admit(g, {**HELLO, "max_tokens": 10})
+    assert g.store_errors == 1
+    assert a.headers()["x-ratelimit-limit-tokens"] == "100000"  # alice's 400k burst / 4 replicas
+    with pytest.raises(GatewayError):
+        await admit(g, {**HELLO, "max_tokens": 1_000_000}, rid="big", team="tiny")  # $0.05 / 4 locally
+    await a.finish(Usage(9, 5, 0), provider="openai")
+    await dead.close()
