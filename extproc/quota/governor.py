@@ -48,6 +48,19 @@ class Caller:
     alias: str
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What ``admit`` decided for one request."""
+
+    caller: Caller
+    model: str  # the model counted and priced for the reservation (the alias's first target)
+    prompt: TokenCount
+    max_output: int
+    hold: int  # output tokens reserved up front (streams: one slice)
+    inject_max_tokens: int | None  # the client set no cap: send this one upstream
+    add_usage: bool  # a stream whose client did not ask for usage: ask for it, strip it on the way back
+
+
 class Governor:
     def __init__(
         self,
@@ -78,9 +91,9 @@ class Governor:
         if isinstance(result, Rejection):
             raise result.error()
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return Admission(self, store, result, caller, model, prompt, max_output, hold,
-                         inject_max_tokens=None if isinstance(asked, int) else max_output,
-                         add_usage=stream and not include_usage)
+        plan = Plan(caller, model, prompt, max_output, hold, None if isinstance(asked, int) else max_output,
+                    stream and not include_usage)
+        return Admission(self, store, result, plan)
 
     async def _reserve(
         self, scopes: tuple[ScopeLimits, ...], tokens: int, micro: int, rid: str
@@ -102,21 +115,17 @@ class Governor:
 class Admission:
     """One admitted request's hold on the quotas, until ``finish``."""
 
-    def __init__(
-        self, governor: Governor, store: QuotaStore, reservation: Reservation, caller: Caller, model: str,
-        prompt: TokenCount, max_output: int, hold: int, *, inject_max_tokens: int | None, add_usage: bool,
-    ) -> None:
+    def __init__(self, governor: Governor, store: QuotaStore, reservation: Reservation, plan: Plan) -> None:
         self._g = governor
         self._store = store
         self.reservation = reservation
-        self.caller = caller
-        self.model = model
-        self.prompt = prompt
-        self.max_output = max_output
-        self.inject_max_tokens = inject_max_tokens
-        self.strip_usage_chunk = add_usage  # the client did not ask for the usage chunk: drop it on the way back
-        self._covered = hold  # output tokens reserved so far
-        self._meter: OutputMeter = governor.tokenizer.output_meter(model)
+        self.plan = plan
+        self.caller = plan.caller
+        self.model = plan.model
+        self.prompt = plan.prompt
+        self.strip_usage_chunk = plan.add_usage  # the client did not ask for the usage chunk: drop it
+        self._covered = plan.hold  # output tokens reserved so far
+        self._meter: OutputMeter = governor.tokenizer.output_meter(plan.model)
         self._finished: UsageRecord | None = None
 
     def headers(self) -> dict[str, str]:
@@ -125,8 +134,8 @@ class Admission:
     def upstream_changes(self) -> dict[str, Any]:
         """Fields to set in the upstream request body."""
         changes: dict[str, Any] = {}
-        if self.inject_max_tokens is not None:
-            changes["max_tokens"] = self.inject_max_tokens
+        if self.plan.inject_max_tokens is not None:
+            changes["max_tokens"] = self.plan.inject_max_tokens
         if self.strip_usage_chunk:
             changes["stream_options"] = {"include_usage": True}
         return changes

@@ -62,7 +62,8 @@ def image_tokens(rule: ImageRule, size: tuple[int, int] | None, detail: str) -> 
     return math.ceil(max(1, round(w * scale)) * max(1, round(h * scale)) / 750)
 
 
-def _tile_count(w: int, h: int) -> int:
+def _tile_count(width: int, height: int) -> int:
+    w, h = float(width), float(height)
     if max(w, h) > 2048:
         scale = 2048 / max(w, h)
         w, h = w * scale, h * scale

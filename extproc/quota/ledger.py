@@ -54,9 +54,15 @@ class UsageRecord:
     def from_fields(cls, raw: Mapping[str, Any], time: float) -> UsageRecord:
         d = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
              for k, v in raw.items()}
-        ints = {"input_tokens", "output_tokens", "cached_tokens", "micro_usd"}
-        return cls(**{f.name: int(d[f.name]) if f.name in ints else str(d.get(f.name, ""))
-                      for f in fields(cls) if f.name != "time"}, time=time)
+        def text(name: str) -> str:
+            return str(d.get(name, ""))
+
+        def number(name: str) -> int:
+            return int(d.get(name) or 0)
+
+        return cls(text("request_id"), text("principal"), text("team"), text("alias"), text("provider"),
+                   text("model"), number("input_tokens"), number("output_tokens"), number("cached_tokens"),
+                   number("micro_usd"), text("cache_status") or "bypass", time)
 
 
 @dataclass(slots=True)

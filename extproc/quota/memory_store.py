@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from extproc.quota import calendar
@@ -23,8 +24,8 @@ from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.limits import Budget, LimitState, Rejection, Reservation, ScopeLimits, Settlement, TokenBucket
 from extproc.quota.store import (
     DEFAULT_RETENTION_SECONDS,
-    budget_key,
     bucket_key,
+    budget_key,
     check_amounts,
     lease_gone,
 )
@@ -137,7 +138,7 @@ class MemoryQuotaStore:
                 return Settlement(reservation.id, "unknown")
             if rec.state == "settled":
                 return Settlement(reservation.id, "duplicate", rec.tokens_delta, rec.micro_usd_delta)
-            outcome = "late" if rec.state == "expired" else "settled"
+            outcome: Literal["late", "settled"] = "late" if rec.state == "expired" else "settled"
             dt, dm = actual_tokens - rec.tokens, actual_micro_usd - rec.micro_usd
             budgets = [(s.scope, b) for s in reservation.scopes for b in s.budgets]
             for s in reservation.scopes:

@@ -31,10 +31,13 @@ def scaled(scopes: tuple[ScopeLimits, ...], replicas: int) -> tuple[ScopeLimits,
     """Each limit divided by ``replicas``: what one sidecar may use alone when the shared store is down."""
     if replicas <= 1:
         return scopes
+    def share(n: int) -> int:
+        return max(1, n // replicas)
+
     return tuple(
         ScopeLimits(
             s.scope,
-            TokenBucket(max(1, s.bucket.per_minute // replicas), max(1, s.bucket.burst // replicas)) if s.bucket else None,
+            TokenBucket(share(s.bucket.per_minute), share(s.bucket.burst)) if s.bucket else None,
             tuple(Budget(b.period, b.limit_micro_usd // replicas) for b in s.budgets),
         )
         for s in scopes

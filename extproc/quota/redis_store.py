@@ -38,8 +38,8 @@ from extproc.quota.limits import Kind, LimitState, Period, Rejection, Reservatio
 from extproc.quota.store import (
     DEFAULT_RETENTION_SECONDS,
     QuotaUnavailable,
-    budget_key,
     bucket_key,
+    budget_key,
     check_amounts,
     lease_gone,
 )
@@ -103,7 +103,7 @@ class RedisQuotaStore:
         check_amounts(tokens, micro_usd)
         rid = reservation_id or uuid.uuid4().hex
         scopes = tuple(scopes)
-        keys, args, meta = self._base_keys(), [], []
+        keys, args, meta = self._base_keys(), list[Any](), list[Meta]()
         now = self._clock.now()
         for s in scopes:
             if s.bucket is not None:
@@ -147,7 +147,7 @@ class RedisQuotaStore:
 
     def _charged(self, r: Reservation, *, with_limits: bool) -> tuple[list[str], list[Any], list[Meta]]:
         """Keys and arguments naming the buckets and the budget periods ``r`` was charged to."""
-        keys, args, meta = self._base_keys(), [], []
+        keys, args, meta = self._base_keys(), list[Any](), list[Meta]()
         starts = iter(r.windows)
         for s in r.scopes:
             if s.bucket is not None:

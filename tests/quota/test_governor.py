@@ -9,6 +9,7 @@ import yaml
 
 from extproc.errors import GatewayError
 from extproc.providers.base import Usage
+from extproc.quota.governor import Admission, Caller, Governor
 from extproc.quota.ledger import FileLedger, totals
 from extproc.quota.memory_store import MemoryQuotaStore
 from extproc.quota.policy import QuotaPolicy
@@ -17,7 +18,6 @@ from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.settings import QuotaSettings, parse_quota
 from extproc.quota.store import QuotaUnavailable
 from extproc.quota.tokenizer import Tokenizer
-from extproc.quota.governor import Admission, Caller, Governor
 from tests.harness import free_port
 from tests.quota.conftest import UTC
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-
-import pytest
 
 from extproc.quota.clock import OffsetClock
 from extproc.quota.limits import Budget, Rejection, Reservation, ScopeLimits, TokenBucket

@@ -92,7 +92,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tiktoken.En
 
 def corpus() -> list[str]:
     rng = random.Random(4)
-    alphabet = ("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 \n\t  .,;:!?'\"()[]{}<>|/\\-_=+*&^%$#@~`"
+    alphabet = ("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 \n\t  "
+                ".,;:!?'\"()[]{}<>|/\\-_=+*&^%$#@~`"
                 "éèçüßñøå 日本語中文한국어 العربية русский ελληνικά हिन्दी ✓→★ 😀🚀👩‍💻 \u0301\u200b")
     texts = [rng.choice(["", " ", "  "]) + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400)))
              for _ in range(400)]
