@@ -277,16 +277,13 @@ def _security_context() -> dict[str, Any]:
     }
 
 
-def _probe(*args: str, period: int, failures: int = 3, delay: int = 0) -> dict[str, Any]:
-    probe: dict[str, Any] = {"exec": {"command": ["python", "-m", "extproc.probe", *args]}}
-    if delay:
-        probe["initialDelaySeconds"] = delay
-    probe.update(periodSeconds=period, timeoutSeconds=5, failureThreshold=failures)
-    return probe
-
-
 def _hook(*args: str) -> dict[str, Any]:
     return {"exec": {"command": ["python", "-m", "extproc.probe", *args]}}
+
+
+def _probe(*args: str, period: int, delay: int = 0) -> dict[str, Any]:
+    timing = {"initialDelaySeconds": delay} if delay else {}
+    return {**_hook(*args), **timing, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": 3}
 
 
 def _lifecycle(opts: InjectOptions, *ready: str) -> dict[str, Any]:
