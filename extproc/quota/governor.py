@@ -19,6 +19,7 @@ so nothing is charged twice when the shared store is back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -80,9 +81,15 @@ class Governor:
         self._local = (MemoryQuotaStore(tz=zone(settings.time_zone), clock=clock)
                        if settings.on_store_error == "fail_open" else None)
 
-    async def admit(self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool) -> Admission:
-        prompt = await self.tokenizer.count_chat_async(model, body)
-        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    async def admit(
+        self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool, endpoint: str = "chat"
+    ) -> Admission:
+        if endpoint == "embeddings":
+            prompt = await asyncio.to_thread(self.tokenizer.count_embedding_input, model, body.get("input"))
+            asked: Any = 0  # embeddings produce no output tokens
+        else:
+            prompt = await self.tokenizer.count_chat_async(model, body)
+            asked = body.get("max_completion_tokens") or body.get("max_tokens")
         max_output = asked if isinstance(asked, int) else self.settings.default_max_tokens
         hold = min(self.settings.stream_slice_tokens, max_output) if stream else max_output
         micro = self.settings.prices.estimate(model, prompt.tokens, hold)

@@ -164,6 +164,15 @@ class Tokenizer:
             return self.count_chat(model, body)
         return await asyncio.to_thread(self.count_chat, model, body)
 
+    def count_embedding_input(self, model: str, value: Any) -> TokenCount:
+        """Tokens of an embeddings ``input``: a string, strings, or token arrays (counted as given)."""
+        fam = family_of(model)
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(x, int) for x in items):
+            items = [items]  # one token array
+        tokens = sum(len(x) if isinstance(x, list) else self.count_text(model, str(x)) for x in items)
+        return TokenCount(tokens, fam.encoding, fam.exact)
+
     async def count_text_async(self, model: str, text: str) -> int:
         if len(text) <= self._inline_limit:
             return self.count_text(model, text)

@@ -170,3 +170,11 @@ async def test_fail_open_admits_against_local_limits_divided_by_the_replicas(tmp
         await admit(g, {**HELLO, "max_tokens": 1_000_000}, rid="big", team="tiny")  # $0.05 / 4 locally
     await a.finish(Usage(9, 5, 0), provider="openai")
     await dead.close()
+
+
+async def test_embeddings_reserve_their_input_and_no_output(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    a = await g.admit({"model": "emb", "input": ["hello world", "hello"]}, caller=caller(), stream=False,
+                      model="text-embedding-3-small", endpoint="embeddings")
+    assert (a.reservation.tokens, a.upstream_changes()) == (3, {})
+    assert TOKENIZER.count_embedding_input("text-embedding-3-small", [1, 2, 3, 4]).tokens == 4
