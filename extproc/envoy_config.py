@@ -27,6 +27,7 @@ import yaml
 from extproc.attempt import HOST_METADATA, REQUEST_ID, target_tag
 from extproc.config import Address, GatewayConfig, ModelAlias, Provider
 from extproc.gateway import ROUTE_HEADER
+from extproc.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.server import FILTER_METADATA_KEY
 
 EXTPROC_CLUSTER = "tollgate_extproc"
@@ -112,8 +113,21 @@ def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
 def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
     limit = cfg.limits.max_request_bytes
     flags = ["UF", "UH", "URX", "UO", "UT", "UC", "UR", "NR", "DF", "UMSDR"]
+    own_reply = {"metadata_filter": {"matcher": {"filter": OWN_REPLY_NAMESPACE, "path": [{"key": OWN_REPLY_KEY}],
+                                                 "value": {"present_match": True}},
+                                     "match_if_key_not_found": False}}
     return {
         "mappers": [
+            {  # an error the gateway answered itself is already in OpenAI's shape: keep it as it is
+                "filter": own_reply,
+            },
+            {  # Envoy's own refusal of oversized headers (e.g. a huge bearer token), before any filter runs
+                "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 431,
+                                                                                        "runtime_key": "tg.431"}}}},
+                "body_format_override": _error_json(
+                    "request headers are too large", "invalid_request_error", "request_headers_too_large"
+                ),
+            },
             {
                 "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 413,
                                                                                         "runtime_key": "tg.413"}}}},
@@ -149,6 +163,7 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
             "grpc_service": _grpc_service("gateway", cfg),
             "failure_mode_allow": False,
             "message_timeout": _ms(cfg.envoy.message_timeout),
+            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
@@ -167,6 +182,7 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
             "failure_mode_allow": False,
             "message_timeout": _ms(cfg.envoy.message_timeout),
             "allow_mode_override": True,
+            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
             "request_attributes": [HOST_METADATA, REQUEST_ID],
             "processing_mode": {

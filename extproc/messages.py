@@ -19,6 +19,8 @@ ProcessingResponse = pb.ProcessingResponse
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 NONE = processing_mode_pb2.ProcessingMode.NONE
+OWN_REPLY_NAMESPACE = "tollgate"  # dynamic metadata the ext_proc filters accept from us
+OWN_REPLY_KEY = "own_reply"
 
 
 
@@ -100,4 +102,7 @@ def immediate(
 
 
 def error_response(err: GatewayError, extra_headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
-    return immediate(err.status, err.body(), {**err.headers, **(extra_headers or {})})
+    resp = immediate(err.status, err.body(), {**err.headers, **(extra_headers or {})})
+    # Marks the reply as ours, so Envoy's local-reply mappers (meant for Envoy's own errors) leave its body alone.
+    resp.dynamic_metadata.fields[OWN_REPLY_NAMESPACE].struct_value.fields[OWN_REPLY_KEY].bool_value = True
+    return resp
