@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import time
 
 from extproc.access_log import access_record
+from extproc.auth.authenticator import Authenticator
+from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig
 from extproc.credentials import CredentialVault
 from extproc.exchange import Exchange, Exchanges
@@ -22,6 +24,7 @@ class Gateway:
     exchanges: Exchanges
     access_log: logging.Logger
     metrics: Metrics
+    auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
 
     def release(self, ex: Exchange) -> None:
         """One stream of ``ex`` is done; the last one records metrics and writes the access log line."""
@@ -32,10 +35,12 @@ class Gateway:
 
 
 def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> Gateway:
+    env = dict(os.environ) if env is None else env
     return Gateway(
         config=config,
-        vault=CredentialVault(config.providers, dict(os.environ) if env is None else env),
+        vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
-        metrics=Metrics(config),
+        metrics=Metrics(config, teams=config.teams),
+        auth=build_authenticator(config, env),
     )

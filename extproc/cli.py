@@ -1,4 +1,4 @@
-"""``tollgate``: run the gateway, render or check its Envoy config."""
+"""``tollgate``: run the gateway, render or check its Envoy config, manage the deny list, mint dev tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 
+from extproc.auth.commands import add_parsers, deny_command, dev_token_command
 from extproc.config import ConfigError, load_config
 
 
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--demo-socket", default="/tmp/tollgate-demo.sock")
     check = sub.add_parser("validate", help="check the config and run `envoy --mode validate` on its rendering")
     check.add_argument("--config")
+    add_parsers(sub)
     return p
 
 
@@ -46,11 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "validate":
         return _validate(cfg)
+    if args.command == "deny":
+        return deny_command(cfg, args)
+    if args.command == "dev-token":
+        return dev_token_command(cfg, args)
     from extproc.supervisor import serve, use_uvloop
 
     use_uvloop()
     with_envoy = args.command == "run"
-    return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy))
+    try:
+        return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy))
+    except ConfigError as e:  # e.g. a JWKS file or dev key that cannot be read
+        print(f"tollgate: {e}", file=sys.stderr)
+        return 2
 
 
 def _validate(cfg) -> int:  # type: ignore[no-untyped-def]

@@ -5,15 +5,25 @@ It answers what it can itself (``/v1/models``, every error) with an
 ImmediateResponse, and otherwise sets the internal routing header that selects
 the alias's route (whose cluster lists the alias's targets in fallback order)
 and clears the route cache.
+
+With ``auth.mode: jwt`` the headers stage authenticates the caller first (a
+token seen before costs a hash and a dict lookup; only a token whose issuer
+keys must be fetched makes the stage a coroutine), and the body stage checks
+that the caller's team may use the resolved alias. The client's credentials
+are removed here already, and again by every attempt.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from extproc import messages
 from extproc.app import Gateway
+from extproc.auth.identity import Identity
+from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, MethodNotAllowed, NotFound
 from extproc.exchange import Exchange
 from extproc.requests import check_chat, check_embeddings, parse_json, resolve_alias
@@ -29,7 +39,7 @@ ENDPOINTS = {
 
 
 class GatewayExchange:
-    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started")
+    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -37,10 +47,29 @@ class GatewayExchange:
         self.request_id = ""
         self.exchange: Exchange | None = None
         self.started = time.monotonic()
+        self.identity: Identity | None = None
 
-    def on_request_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+    def on_request_headers(
+        self, req: messages.ProcessingRequest
+    ) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
         headers = messages.headers_of(req.request_headers)
         self.request_id = headers.get("x-request-id", "")
+        eos = req.request_headers.end_of_stream
+        auth = self.gw.auth
+        if auth is not None:
+            who = auth.authenticate(headers, self.request_id)
+            if not isinstance(who, Identity):
+                return self._after_authentication(who, headers, eos)
+            self.identity = who
+        return self._route_headers(headers, eos)
+
+    async def _after_authentication(
+        self, pending: Coroutine[Any, Any, Identity], headers: dict[str, str], eos: bool
+    ) -> messages.ProcessingResponse:
+        self.identity = await pending
+        return self._route_headers(headers, eos)
+
+    def _route_headers(self, headers: dict[str, str], eos: bool) -> messages.ProcessingResponse:
         path = headers.get(":path", "/").split("?", 1)[0].rstrip("/") or "/"
         method = headers.get(":method", "GET")
         endpoint = ENDPOINTS.get(path)
@@ -49,20 +78,27 @@ class GatewayExchange:
         if endpoint == "models":
             if method != "GET":
                 raise MethodNotAllowed(f"{path} takes GET")
+            if self.identity is not None and self.gw.auth is not None:
+                self.gw.auth.authorize(self.identity, None, self.request_id)
             return messages.immediate(200, self.models_body(), {"x-request-id": self.request_id})
         if method != "POST":
             raise MethodNotAllowed(f"{path} takes POST")
-        if req.request_headers.end_of_stream:
+        if eos:
             raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
         self.endpoint = endpoint
-        internal = [k for k in headers if k.startswith(INTERNAL_PREFIX)]
-        return messages.cont("request_headers", remove_headers=internal)
+        drop = [k for k in headers if k.startswith(INTERNAL_PREFIX) or k in INBOUND_CREDENTIAL_HEADERS]
+        return messages.cont("request_headers", remove_headers=drop)
 
-    def on_request_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+    def on_request_body(
+        self, req: messages.ProcessingRequest
+    ) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
         gw = self.gw
         body = parse_json(req.request_body.body, gw.config.limits.max_request_bytes)
         endpoint = self.endpoint or "chat"
         alias = resolve_alias(body, gw.config, endpoint)
+        ident = self.identity
+        if ident is not None and gw.auth is not None:
+            gw.auth.authorize(ident, alias, self.request_id)
         if endpoint == "chat":
             check_chat(body)
         else:
@@ -71,15 +107,25 @@ class GatewayExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")), started_at=self.started)
+        if ident is not None:
+            self.exchange.principal, self.exchange.team = ident.principal, ident.team
         gw.exchanges.add(self.exchange)  # holds one reference until this stream closes
+        warming = gw.vault.warm_up(gw.config.models[alias])  # Azure AD tokens not fetched yet
+        if warming is not None:
+            return self._route_after(warming, alias)
+        return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
+
+    async def _route_after(self, warming: Coroutine[Any, Any, None], alias: str) -> messages.ProcessingResponse:
+        await warming
         return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
 
     def models_body(self) -> bytes:
         created = 1_700_000_000
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": a.owned_by}
-            for name, a in self.gw.config.models.items()
-        ]
+        models = self.gw.config.models
+        names = list(models)
+        if self.identity is not None and self.gw.auth is not None:
+            names = self.gw.auth.visible(self.identity, names)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": models[name].owned_by} for name in names]
         return json.dumps({"object": "list", "data": data}).encode()
 
     def close(self) -> None:

@@ -106,6 +106,9 @@ async def serve(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
+    if gw.auth is not None:
+        await gw.auth.start()  # issuers' keys and the deny list, before the first request
+    await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
     server, processor, health = await start_server(gw)
     gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
@@ -149,6 +152,9 @@ async def serve(
                 envoy.kill()
                 await envoy.wait()
         gw.metrics.close()
+        await gw.vault.close()
+        if gw.auth is not None:
+            await gw.auth.close()
         if demo is not None:
             await demo.cleanup()
         if runtime_dir is None:

@@ -38,6 +38,8 @@ class FakeIdP:
         self.down = False
         self.jwks_hits = 0
         self.token_requests: list[dict[str, str]] = []
+        self.issued: list[str] = []  # every Azure AD-style access token handed out
+        self.minted: list[str] = []  # every JWT minted
         self.token_status = 200
         self.token_lifetime = 3600
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -56,6 +58,10 @@ class FakeIdP:
     @property
     def token_url(self) -> str:
         return f"{self.issuer}/token"
+
+    @property
+    def broken_token_url(self) -> str:
+        return f"{self.issuer}/broken/token"
 
     def add_key(self, kid: str, key: Any) -> None:
         self.keys[kid] = key
@@ -81,7 +87,9 @@ class FakeIdP:
     def mint(self, *, kid: str = "rsa-1", headers: dict[str, Any] | None = None, **claims: Any) -> str:
         key = self.keys[kid]
         alg = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
-        return jwt.encode(self.claims(**claims), key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+        token = jwt.encode(self.claims(**claims), key, algorithm=alg, headers={"kid": kid, **(headers or {})})
+        self.minted.append(token)
+        return token
 
     # -- the server
     async def _jwks(self, request: web.Request) -> web.Response:
@@ -97,7 +105,12 @@ class FakeIdP:
             return web.json_response({"error": "invalid_client", "error_description": "AADSTS7000215: bad secret"},
                                      status=self.token_status)
         token = f"aad-token-{len(self.token_requests)}-{uuid.uuid4().hex[:8]}"
+        self.issued.append(token)
         return web.json_response({"token_type": "Bearer", "expires_in": self.token_lifetime, "access_token": token})
+
+    async def _broken_token(self, request: web.Request) -> web.Response:
+        await request.post()
+        return web.json_response({"error": "invalid_client", "error_description": "AADSTS7000215"}, status=401)
 
     def start(self) -> FakeIdP:
         ready = threading.Event()
@@ -121,6 +134,7 @@ class FakeIdP:
         app = web.Application()
         app.router.add_get("/jwks", self._jwks)
         app.router.add_post("/token", self._token)
+        app.router.add_post("/broken/token", self._broken_token)  # always refuses the client
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
