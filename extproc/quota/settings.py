@@ -1,12 +1,13 @@
 """The ``quota:`` section of the gateway config, typed and validated.
 
-``config.py`` passes the parsed YAML mapping to ``parse_quota``; a
-``ValueError`` names the bad key (``quota.limits.teams.ml.usd_per_day: …``)
-for config.py to report with its line. Example::
+``config.py`` passes the parsed YAML mapping to ``parse_quota`` with the
+gateway's top-level ``redis:`` url and key prefix (the quota keys use the
+prefix as their hash tag); a ``ValueError`` names the bad key
+(``quota.limits.teams.ml.usd_per_day: …``) for config.py to report with its
+line. Example::
 
     quota:
-      store: redis                     # memory (one sidecar) | redis (shared)
-      redis: {url: "redis://127.0.0.1:6379/0", hash_tag: tollgate}
+      store: auto                      # auto: redis when redis: is configured, else memory
       time_zone: Europe/Berlin         # budgets reset at local midnight / on the 1st
       on_store_error: fail_closed      # or fail_open (local limits / replicas)
       replicas: 4
@@ -50,7 +51,7 @@ class LimitSpec:
 
 @dataclass(frozen=True)
 class QuotaSettings:
-    store: Literal["memory", "redis"] = "memory"
+    store: Literal["memory", "redis"] = "memory"  # "auto" in YAML resolves to one of these
     redis_url: str | None = None
     hash_tag: str = "tollgate"
     time_zone: str = "UTC"
@@ -67,19 +68,22 @@ class QuotaSettings:
     aliases: Mapping[str, LimitSpec] = field(default_factory=dict)
 
 
-_KEYS = {"store", "redis", "time_zone", "on_store_error", "replicas", "lease", "stream_slice_tokens",
+_KEYS = {"store", "time_zone", "on_store_error", "replicas", "lease", "stream_slice_tokens",
          "default_max_tokens", "ledger", "prices", "default_price", "limits"}
 
 
-def parse_quota(data: Any, where: str = "quota") -> QuotaSettings:
+def parse_quota(
+    data: Any, where: str = "quota", *, redis_url: str | None = None, key_prefix: str = "tollgate"
+) -> QuotaSettings:
     m = _mapping(data, where, _KEYS)
     d = QuotaSettings()
-    store = m.get("store", d.store)
+    store = m.get("store", "auto")
+    if store == "auto":
+        store = "redis" if redis_url else "memory"
     if store not in ("memory", "redis"):
-        raise ValueError(f"{where}.store: expected memory or redis")
-    redis = _mapping(m.get("redis"), f"{where}.redis", {"url", "hash_tag"})
-    if store == "redis" and not redis.get("url"):
-        raise ValueError(f"{where}.redis.url: is required when store is redis")
+        raise ValueError(f"{where}.store: expected auto, memory or redis")
+    if store == "redis" and not redis_url:
+        raise ValueError(f"{where}.store: redis needs the top-level redis: section (url)")
     policy = m.get("on_store_error", d.on_store_error)
     if policy not in ("fail_closed", "fail_open"):
         raise ValueError(f"{where}.on_store_error: expected fail_closed or fail_open")
@@ -94,8 +98,8 @@ def parse_quota(data: Any, where: str = "quota") -> QuotaSettings:
     )
     limits = _mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
     return QuotaSettings(
-        store=store, redis_url=_str(redis.get("url"), f"{where}.redis.url"),
-        hash_tag=_hash_tag(redis.get("hash_tag", d.hash_tag), f"{where}.redis.hash_tag"),
+        store=store, redis_url=redis_url if store == "redis" else None,
+        hash_tag=_hash_tag(key_prefix, "redis.key_prefix"),
         time_zone=tz, on_store_error=policy,
         replicas=_int(m.get("replicas"), f"{where}.replicas", d.replicas, 1, 10_000),
         lease_seconds=_duration(m.get("lease"), f"{where}.lease", d.lease_seconds),

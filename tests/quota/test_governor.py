@@ -65,7 +65,8 @@ def test_the_issue_example_becomes_four_scopes() -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"store": "redis"}, "quota.redis.url: is required"),
+    ({"store": "redis"}, "quota.store: redis needs the top-level redis: section"),
+    ({"store": "etcd"}, "quota.store: expected auto, memory or redis"),
     ({"time_zone": "Europe/Atlantis"}, "quota.time_zone: unknown time zone"),
     ({"limits": {"teams": {"ml": {"usd_per_day": "lots"}}}}, "quota.limits.teams.ml.usd_per_day"),
     ({"limits": {"teams": {"ml": {"usd_per_day": 0.0000001}}}}, "at most 6 decimals"),
@@ -178,3 +179,10 @@ async def test_embeddings_reserve_their_input_and_no_output(tmp_path: Path) -> N
                       model="text-embedding-3-small", endpoint="embeddings")
     assert (a.reservation.tokens, a.upstream_changes()) == (3, {})
     assert TOKENIZER.count_embedding_input("text-embedding-3-small", [1, 2, 3, 4]).tokens == 4
+
+
+def test_the_store_follows_the_gateways_redis_section() -> None:
+    assert settings().store == "memory"
+    shared = parse_quota({"store": "auto"}, redis_url="redis://127.0.0.1:6379/0", key_prefix="acme")
+    assert (shared.store, shared.redis_url, shared.hash_tag) == ("redis", "redis://127.0.0.1:6379/0", "acme")
+    assert parse_quota({"store": "memory"}, redis_url="redis://127.0.0.1:6379/0").store == "memory"
