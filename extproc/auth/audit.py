@@ -29,6 +29,8 @@ class AuditLog:
 
     def _write(self, request_id: str, decision: str, ident: Identity | None, alias: str | None, status: int,
                code: str | None, reason: str | None) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
         rec = {
             "request_id": request_id,
             "decision": decision,
