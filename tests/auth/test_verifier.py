@@ -12,7 +12,7 @@ from extproc.auth.verifier import TokenVerifier, TrustedIssuer
 from extproc.config import Issuer
 from extproc.errors import Unauthenticated
 from tests.fake_idp import FakeIdP
-from tests.token_attacks import ATTACKS, b64
+from tests.token_attacks import ATTACKS
 
 IDP = FakeIdP()  # not started: its keys and mint() are all these specs need
 
