@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--demo-socket", default="/tmp/tollgate-demo.sock")
     check = sub.add_parser("validate", help="check the config and run `envoy --mode validate` on its rendering")
     check.add_argument("--config")
+    inj = sub.add_parser("inject", help="add the Tollgate sidecar to Kubernetes workloads (like kube-inject)")
+    inj.add_argument("-f", "--filename", required=True, help="manifest file, or - for standard input")
+    inj.add_argument("--config", help="the gateway config the pods will run (checked for pod use)")
+    inj.add_argument("--image", help="the Tollgate image (python + `pip install tollgate`)")
+    inj.add_argument("--config-map", help="ConfigMap holding tollgate.yaml and envoy.yaml")
+    inj.add_argument("--secret", help="Secret with the provider keys ('' for none)")
+    inj.add_argument("--drain-seconds", type=int, help="longest wait for in-flight streams on shutdown")
+    inj.add_argument("--native-sidecars", action="store_true", help="use init-container sidecars (Kubernetes 1.29+)")
     add_parsers(sub)
     return p
 
@@ -52,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return deny_command(cfg, args)
     if args.command == "dev-token":
         return dev_token_command(cfg, args)
+    if args.command == "inject":
+        return _inject(cfg, args)
     from extproc.supervisor import serve, use_uvloop
 
     use_uvloop()
@@ -63,10 +73,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _inject(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from extproc.inject import InjectError, InjectOptions, check_config, inject_yaml
+
+    given = {
+        "image": args.image,
+        "config_map": args.config_map,
+        "secret": (args.secret or None) if args.secret is not None else ...,
+        "drain_seconds": args.drain_seconds,
+        "native_sidecars": True if args.native_sidecars else None,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None and v is not ...}
+    if args.secret == "":
+        overrides["secret"] = None
+    try:
+        text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
+        opts = InjectOptions.from_config(cfg, **overrides) if args.config else InjectOptions(**overrides)
+        for problem in check_config(cfg, opts) if args.config else []:
+            print(f"tollgate: warning: {problem}", file=sys.stderr)
+        sys.stdout.write(inject_yaml(text, opts))
+    except (InjectError, OSError) as e:
+        print(f"tollgate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _validate(cfg) -> int:  # type: ignore[no-untyped-def]
-    from extproc.envoy_config import render_yaml
+    from extproc.envoy_config import render, render_yaml, typed_check
     from extproc.supervisor import find_envoy
 
+    try:
+        typed_check(render(cfg, demo_socket="/tmp/tollgate-demo.sock"))
+    except ValueError as e:
+        print(f"tollgate: {e}", file=sys.stderr)
+        return 1
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         f.write(render_yaml(cfg, demo_socket="/tmp/tollgate-demo.sock"))
         f.flush()
