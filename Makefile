@@ -18,7 +18,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --out bench/results.md
+	$(BIN)/python -m tests.bench.run --out tests/bench/results.md
+	$(BIN)/python -m tests.bench.protobuf_parse >> tests/bench/results.md
+	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

@@ -1,0 +1,1 @@
+"""Benchmarks: what the Python ext_proc hop costs next to plain Envoy (``python -m tests.bench.run``)."""
