@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return dev_token_command(cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
+    from extproc.logs import setup_logging
     from extproc.supervisor import serve, use_uvloop
 
+    listener = setup_logging()
     use_uvloop()
     with_envoy = args.command == "run"
     try:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # e.g. a JWKS file or dev key that cannot be read
         print(f"tollgate: {e}", file=sys.stderr)
         return 2
+    finally:
+        listener.stop()
 
 
 def _inject(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

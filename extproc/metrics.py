@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -92,6 +94,7 @@ class Metrics:
             "request headers to the answering attempt leaving, less failed attempts, plus Python time on the response.",
             ("alias",), buckets=OVERHEAD_BUCKETS, registry=r)
         self._server: object | None = None
+        self._cache: dict[tuple[str, ...], _Children] = {}  # bounded: every label value is from the config
 
     # -- label folding
     def alias(self, v: str | None) -> str:
@@ -115,27 +118,48 @@ class Metrics:
         labels = (self.alias(ex.alias), self.provider(ex.provider), self.model(ex.target_model), self.team(ex.team))
         outcome = outcome_of(ex)
         status = ex.status or 0
-        self.requests.labels(*labels, outcome, f"{status // 100}xx" if status else "none",
-                             ex.error or NONE).inc()
-        self.duration.labels(*labels, outcome).observe(max(0.0, now - ex.received_at))
-        self.cache_lookups.labels(labels[0], ex.cache).inc()
+        c = self._children(labels, outcome, ex.cache)
+        self.requests.labels(*labels, outcome, f"{status // 100}xx" if status else "none", ex.error or NONE).inc()
+        c.duration.observe(max(0.0, now - ex.received_at))
+        c.cache.inc()
         if ex.first_token_at is not None and ex.stream:
-            self.ttft.labels(*labels).observe(max(0.0, ex.first_token_at - ex.received_at))
+            c.ttft.observe(max(0.0, ex.first_token_at - ex.received_at))
         u = ex.usage
         if u is not None:
-            self.token_usage.labels(*labels, "input").observe(u.prompt_tokens)
-            self.token_usage.labels(*labels, "output").observe(u.completion_tokens)
-            self.tokens.labels(*labels, "input").inc(u.prompt_tokens)
-            self.tokens.labels(*labels, "output").inc(u.completion_tokens)
-            self.tokens.labels(*labels, "cached_input").inc(u.cached_tokens)
+            c.input_usage.observe(u.prompt_tokens)
+            c.output_usage.observe(u.completion_tokens)
+            c.input_tokens.inc(u.prompt_tokens)
+            c.output_tokens.inc(u.completion_tokens)
+            if u.cached_tokens:
+                c.cached_tokens.inc(u.cached_tokens)
             tpot = ex.tpot()
             if tpot is not None:
-                self.tpot.labels(*labels).observe(tpot)
+                c.tpot.observe(tpot)
         if ex.cost_usd:
-            self.cost.labels(*labels).inc(ex.cost_usd)
+            c.cost.inc(ex.cost_usd)
         overhead = ex.overhead()
         if overhead is not None:
-            self.overhead.labels(labels[0]).observe(overhead)
+            c.overhead.observe(overhead)
+
+    def _children(self, labels: tuple[str, str, str, str], outcome: str, cache: str) -> _Children:
+        """The labelled series one exchange touches, looked up once per label set (labels() is not free)."""
+        key = (*labels, outcome, cache)
+        c = self._cache.get(key)
+        if c is None:
+            c = self._cache[key] = _Children(
+                duration=self.duration.labels(*labels, outcome),
+                cache=self.cache_lookups.labels(labels[0], cache),
+                ttft=self.ttft.labels(*labels),
+                tpot=self.tpot.labels(*labels),
+                input_usage=self.token_usage.labels(*labels, "input"),
+                output_usage=self.token_usage.labels(*labels, "output"),
+                input_tokens=self.tokens.labels(*labels, "input"),
+                output_tokens=self.tokens.labels(*labels, "output"),
+                cached_tokens=self.tokens.labels(*labels, "cached_input"),
+                cost=self.cost.labels(*labels),
+                overhead=self.overhead.labels(labels[0]),
+            )
+        return c
 
     def refused(self, status: int, code: str) -> None:
         """A request refused before an exchange existed (bad path, bad body, unknown alias)."""
@@ -175,6 +199,21 @@ class Metrics:
             server, _thread = self._server  # type: ignore[misc]
             threading.Thread(target=server.shutdown, daemon=True).start()
             self._server = None
+
+
+@dataclass(slots=True)
+class _Children:
+    duration: Any
+    cache: Any
+    ttft: Any
+    tpot: Any
+    input_usage: Any
+    output_usage: Any
+    input_tokens: Any
+    output_tokens: Any
+    cached_tokens: Any
+    cost: Any
+    overhead: Any
 
 
 def outcome_of(ex: Exchange) -> str:
