@@ -370,7 +370,7 @@ def test_translated_responses_parse_with_the_openai_sdk(message: dict[str, Any])
 def test_a_whole_response_records_usage_and_the_answering_model() -> None:
     translator = make()
     translate_response(TEXT_MESSAGE, translator)
-    assert translator.usage == Usage(prompt_tokens=2112, completion_tokens=9, cached_tokens=2000)
+    assert translator.usage == Usage(prompt_tokens=2112, completion_tokens=9, cached_tokens=2000, cache_write_tokens=100)
     assert translator.response_model == "claude-sonnet-4-5-20250929"
 
 

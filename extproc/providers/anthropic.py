@@ -410,9 +410,8 @@ def usage_of(raw: object) -> Usage:
         value = fields.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
-    cached = count("cache_read_input_tokens")
-    prompt = count("input_tokens") + count("cache_creation_input_tokens") + cached
-    return Usage(prompt, count("output_tokens"), cached)
+    cached, written = count("cache_read_input_tokens"), count("cache_creation_input_tokens")
+    return Usage(count("input_tokens") + written + cached, count("output_tokens"), cached, written)
 
 
 def openai_usage(usage: Usage) -> Json:
@@ -595,7 +594,9 @@ class AnthropicTranslator:
         kind = block.get("type")
         if kind == "text" and block.get("text"):
             self._emit(out, f'{{"content":{_dumps(block["text"])}}}', content=True)
+            self._produced(block["text"])
         elif kind == "tool_use":
+            self._produced(str(block.get("name") or ""))
             index = self._tool_calls[data.get("index", -1)] = len(self._tool_calls)
             call = {"index": index, "id": block.get("id"), "type": "function",
                     "function": {"name": block.get("name"), "arguments": ""}}
@@ -607,13 +608,22 @@ class AnthropicTranslator:
         if kind == "text_delta":
             if text := delta.get("text"):
                 self._emit(out, f'{{"content":{_dumps(text)}}}', content=True)
+                self._produced(text)
+        elif kind == "thinking_delta":
+            self._produced(str(delta.get("thinking") or ""))  # billed as output, though not forwarded
         elif kind == "input_json_delta":
             index = self._tool_calls.get(data.get("index", -1))
             fragment = delta.get("partial_json")
+            if isinstance(fragment, str):
+                self._produced(fragment)
             if index is not None and fragment:
                 args = f'{{"tool_calls":[{{"index":{index},"function":{{"arguments":{_dumps(fragment)}}}}}]}}'
                 self._emit(out, args, content=True)
-        # thinking, signature and citation deltas have no chat-completions counterpart
+        # thinking, signature and citation deltas have no chat-completions counterpart (thinking is metered)
+
+    def _produced(self, text: str) -> None:
+        if self.progress.text is not None and text:
+            self.progress.text.append(text)
 
     def _on_message_delta(self, data: Json, out: list[bytes]) -> None:
         self._merge_usage(data.get("usage"))

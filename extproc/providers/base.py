@@ -15,9 +15,12 @@ from typing import Protocol
 
 @dataclass
 class Usage:
+    """Token usage in OpenAI's terms: ``prompt_tokens`` includes the cached ones and the cache writes."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's prompt cache
+    cache_write_tokens: int = 0  # prompt tokens written to it (Anthropic bills these above the input price)
 
     @property
     def total_tokens(self) -> int:
@@ -45,6 +48,7 @@ class StreamProgress:
     done: bool = False  # the backend signalled a clean end ([DONE] / message_stop)
     failed: bool = False  # the backend sent an error event mid-stream
     content_chunks: int = 0  # chunks that carried generated content
+    text: list[str] | None = None  # when a list: generated text (content, tool arguments) is appended, for metering
 
 
 class Translator(Protocol):

@@ -110,7 +110,8 @@ class OpenAITranslator:
         if data == "[DONE]":
             self.progress.done = True
             return True
-        if self.progress.first_content and '"error"' not in data and not _has_usage(data):
+        metered = self.progress.text is not None  # metering needs the text: no shortcut then
+        if self.progress.first_content and not metered and '"error"' not in data and not _has_usage(data):
             # the hot path once content flows: a substring test instead of a JSON parse per chunk
             if ('"content"' in data and '"content":null' not in data) or '"tool_calls"' in data:
                 self.progress.content_chunks += 1
@@ -128,16 +129,34 @@ class OpenAITranslator:
             self.response_model = obj["model"]
         choices = obj.get("choices") or []
         if choices:
-            delta = choices[0].get("delta") or {}
-            if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
-                self.progress.first_content = True
-                self.progress.content_chunks += 1
+            self._delta(choices[0].get("delta") or {})
         u = usage_from(obj)
         if u is not None:
             self.usage = u
             if self._strip_usage and not choices:
                 return False
         return True
+
+
+    def _delta(self, delta: dict) -> None:
+        if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+            self.progress.first_content = True
+            self.progress.content_chunks += 1
+            _collect(delta, self.progress.text)
+
+
+def _collect(delta: dict, out: list[str] | None) -> None:
+    """The generated text of one delta: content, refusal, tool call names and arguments."""
+    if out is None:
+        return
+    for key in ("content", "refusal"):
+        if isinstance(delta.get(key), str):
+            out.append(delta[key])
+    calls = delta.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            out.extend(v for k in ("name", "arguments") if isinstance(v := fn.get(k), str))
 
 
 class AzureOpenAITranslator(OpenAITranslator):
