@@ -723,3 +723,20 @@ def test_the_openai_sdk_reads_a_translated_error_by_status() -> None:
         client.chat.completions.create(model="my-alias", messages=[user("hi")])
     assert raised.value.code == "rate_limit_exceeded"
     assert "Slow down" in raised.value.message
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+def test_a_metered_stream_hands_over_exactly_its_generated_text(split: int | None) -> None:
+    translator = make()
+    translator.request({"model": "my-alias", "messages": [user("hi")], "stream": True,
+                        "stream_options": {"include_usage": True}}, b"")
+    translator.progress.text = []
+    cuts = list(range(split, len(TEXT_STREAM), split)) if split else []
+    assert feed(TEXT_STREAM, cuts, translator) == feed(TEXT_STREAM)  # metering changes nothing on the wire
+    assert "".join(translator.progress.text) == "Bonjour à tous ☀️, 東京から!\n"
+    tools = make()
+    tools.request(chat(user("weather?"), stream=True), b"")
+    tools.progress.text = []
+    feed(TOOL_STREAM, cuts, tools)
+    # text, then each tool's name and its arguments as they were streamed
+    assert "".join(tools.progress.text) == 'Let me check both.get_weather{"city": "Paris"}get_weather{"city":"Oslo"}'

@@ -113,3 +113,27 @@ def test_a_non_json_error_body_becomes_an_openai_error():
     err = json.loads(t.response(502, b"<html>bad gateway</html>"))["error"]
     assert err["code"] == "upstream_error" and "502" in err["message"]
     assert t.response(429, b'{"error": {"message": "slow down", "type": "requests"}}') is None
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+@pytest.mark.parametrize("seed", range(5))
+def test_a_metered_stream_hands_over_its_text_and_is_otherwise_unchanged(include_usage, seed):
+    cuts = sorted(random.Random(seed).sample(range(1, len(STREAM)), 6))
+    metered = streaming(include_usage)
+    metered.progress.text = []
+    assert feed(metered, STREAM, cuts) == feed(streaming(include_usage), STREAM, cuts)
+    assert "".join(metered.progress.text) == "Hello!"
+    assert metered.usage is not None and metered.usage.prompt_tokens == 11
+
+
+def test_tool_call_arguments_and_refusals_are_metered_too():
+    t = streaming(True)
+    t.progress.text = []
+    call = chunk()
+    call["choices"][0]["delta"] = {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "get", "arguments": ""}}]}
+    args = chunk()
+    args["choices"][0]["delta"] = {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Oslo"}'}}]}
+    refusal = chunk()
+    refusal["choices"][0]["delta"] = {"refusal": "no"}
+    t.stream_chunk(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (call, args, refusal)), False)
+    assert t.progress.text == ["get", '{"city":"Oslo"}', "no"]

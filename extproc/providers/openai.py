@@ -150,13 +150,13 @@ def _collect(delta: dict, out: list[str] | None) -> None:
     if out is None:
         return
     for key in ("content", "refusal"):
-        if isinstance(delta.get(key), str):
+        if isinstance(delta.get(key), str) and delta[key]:
             out.append(delta[key])
     calls = delta.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict):
-            out.extend(v for k in ("name", "arguments") if isinstance(v := fn.get(k), str))
+            out.extend(v for k in ("name", "arguments") if isinstance(v := fn.get(k), str) and v)
 
 
 class AzureOpenAITranslator(OpenAITranslator):
