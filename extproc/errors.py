@@ -3,6 +3,18 @@
 Anything that should end an exchange with an answer to the client raises a
 ``GatewayError`` (or a subclass). ``server.py`` turns it into an Envoy
 ImmediateResponse in one place; nothing else builds error bodies.
+
+    GatewayError              (any status; the base)
+      BadRequest          400
+      Unauthenticated     401 (with a WWW-Authenticate challenge)
+      Forbidden           403
+      NotFound            404
+      MethodNotAllowed    405
+      PayloadTooLarge     413
+      QuotaExceeded       429 (Retry-After; which limit refused)
+      Internal            500
+      UpstreamError       502
+      Unavailable         503
 """
 
 from __future__ import annotations
@@ -92,6 +104,26 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class QuotaExceeded(GatewayError):
+    """429: a token bucket or budget cannot take the request now.
+
+    ``scope_kind`` (principal, team, org, alias, reservation) and ``kind``
+    (tokens or money) say which limit refused, for metrics; the message
+    names the scope itself.
+    """
+
+    status = 429
+    type = "tokens"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, scope_kind: str, kind: str, headers: dict[str, str] | None = None) -> None:
+        money = kind == "money"
+        super().__init__(message, type="insufficient_quota" if money else "tokens",
+                         code="insufficient_quota" if money else "rate_limit_exceeded", headers=headers)
+        self.scope_kind = scope_kind
+        self.kind = kind
 
 
 class UpstreamError(GatewayError):

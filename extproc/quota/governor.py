@@ -3,32 +3,48 @@
 Per request::
 
     admission = await governor.admit(body, caller=Caller(...), model=target_model, stream=stream)
-        # before routing: counts the prompt, reserves prompt + max output (streams: + one slice)
-        # in every scope at once; raises GatewayError 429 (or UnpricedModel 400, QuotaUnavailable 503)
-    body.update(admission.upstream_changes())      # injected max_tokens, stream_options.include_usage
+        # before routing: counts the prompt (400 if it cannot fit the model's context window), reserves
+        # prompt + max output (streams: + one slice) in every scope at once; raises QuotaExceeded 429
+        # (or UnpricedModel 400, QuotaUnavailable 503)
+    admission.output_cap                           # a non-streamed request without a cap gets this one upstream
     response headers += admission.headers()        # x-ratelimit-*-tokens
     await admission.on_output(delta_text)          # per streamed chunk; raises 429 when a top-up is refused
-    record = await admission.finish(usage, provider=..., model=answering_model, cache_status=...)
-        # at the end (in a finally): settles the difference exactly once, appends the ledger record
+    record = await admission.finish(usage, provider=..., model=answering_model, outcome=...)
+        # when the exchange ends: settles the difference exactly once, appends the ledger record
+
+``finish`` bills by what is known of the answer (``Outcome``): the provider's
+usage when it sent it; for a stream that ended early, the prompt plus the
+output that passed (the provider's counts where it gave them, else ours);
+nothing for an error answer or when no provider was reached; and the whole
+reservation when a provider was asked but no answer was seen (the client
+left first): the provider bills such work, so the gateway never charges less.
 
 With ``on_store_error: fail_open`` a store outage admits against a local
 memory store holding each limit divided by ``replicas`` (counted in
 ``store_errors`` and logged); the request is settled where it was reserved,
 so nothing is charged twice when the shared store is back.
+
+A settle or ledger append that fails (the store is down as the request ends)
+is kept in a bounded backlog and replayed after the next request that settles
+and records normally: both are idempotent by request id, so a replay never
+counts twice, and a reservation settled late gets its refund (the store
+applies a late settle to the period it was charged to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from extproc.errors import GatewayError
 from extproc.providers.base import Usage
 from extproc.quota.calendar import zone
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
+from extproc.quota.context import ContextWindows
 from extproc.quota.ledger import Ledger, UsageRecord
 from extproc.quota.limits import Rejection, Reservation, ScopeLimits
 from extproc.quota.memory_store import MemoryQuotaStore
@@ -39,6 +55,14 @@ from extproc.quota.store import QuotaStore, QuotaUnavailable
 from extproc.quota.tokenizer import OutputMeter, TokenCount, Tokenizer
 
 log = logging.getLogger("tollgate.quota")
+BACKLOG_LIMIT = 10_000  # unsettled / unrecorded requests kept for a replay while the store is down
+
+Outcome = Literal["complete", "partial", "failed", "unsent", "unknown"]
+# complete: the answer ended normally (the provider's usage, else our count)
+# partial:  a stream that ended early (cut by a quota, broken, client gone): the prompt and what passed
+# failed:   the provider answered with an error: nothing is billed
+# unsent:   no provider was reached: nothing is billed
+# unknown:  a provider was asked but no answer was seen: the reservation is billed as held
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +82,8 @@ class Plan:
     prompt: TokenCount
     max_output: int
     hold: int  # output tokens reserved up front (streams: one slice)
-    inject_max_tokens: int | None  # the client set no cap: send this one upstream
-    add_usage: bool  # a stream whose client did not ask for usage: ask for it, strip it on the way back
+    inject_max_tokens: int | None  # a non-streamed request without a cap: send this one upstream
+    stream: bool
 
 
 class Governor:
@@ -71,13 +95,18 @@ class Governor:
         ledger: Ledger,
         tokenizer: Tokenizer,
         clock: Clock = SYSTEM_CLOCK,
+        on_store_error: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.ledger = ledger
         self.tokenizer = tokenizer
         self.policy = QuotaPolicy(settings)
-        self.store_errors = 0  # shared-store failures (for a metric)
+        self.windows = ContextWindows(settings.context_windows)
+        self.store_errors = 0  # shared-store failures (also reported to ``on_store_error`` with the operation)
+        self._on_store_error = on_store_error
+        self._backlog: deque[_Unfinished] = deque()
+        self._replaying = False
         self._local = (MemoryQuotaStore(tz=zone(settings.time_zone), clock=clock)
                        if settings.on_store_error == "fail_open" else None)
 
@@ -89,6 +118,7 @@ class Governor:
             asked: Any = 0  # embeddings produce no output tokens
         else:
             prompt = await self.tokenizer.count_chat_async(model, body)
+            self.windows.check(model, prompt.tokens, exact=prompt.exact)
             asked = body.get("max_completion_tokens") or body.get("max_tokens")
         max_output = asked if isinstance(asked, int) else self.settings.default_max_tokens
         hold = min(self.settings.stream_slice_tokens, max_output) if stream else max_output
@@ -97,10 +127,43 @@ class Governor:
         result, store = await self._reserve(scopes, prompt.tokens + hold, micro, caller.request_id)
         if isinstance(result, Rejection):
             raise result.error()
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        plan = Plan(caller, model, prompt, max_output, hold, None if isinstance(asked, int) else max_output,
-                    stream and not include_usage)
-        return Admission(self, store, result, plan)
+        cap = None if stream or isinstance(asked, int) else max_output
+        return Admission(self, store, result, Plan(caller, model, prompt, max_output, hold, cap, stream))
+
+    def priced(self, *models: str | None) -> str | None:
+        """The first of ``models`` the price table knows (or any, with a default price)."""
+        prices = self.settings.prices
+        return next((m for m in models if m and (prices.find(m) or prices.default)), None)
+
+    async def complete(self, item: _Unfinished) -> None:
+        """Settle and record one finished request (kept for later if the store fails); then replay the backlog."""
+        if await item.run(self) and self._backlog and not self._replaying:
+            await self.replay()
+
+    async def replay(self) -> None:
+        """Retry, oldest first, what could not be settled or recorded before; stop at the first failure."""
+        self._replaying = True
+        try:
+            while self._backlog:
+                item = self._backlog[0]
+                if not await item.run(self, quiet=True):
+                    return
+                self._backlog.popleft()
+                log.info("settled and recorded request %s after the store came back", item.record.request_id)
+        finally:
+            self._replaying = False
+
+    def keep(self, item: _Unfinished) -> None:
+        if len(self._backlog) >= BACKLOG_LIMIT:
+            lost = self._backlog.popleft()
+            log.error("quota backlog full: request %s stays as reserved (its lease expires into a charge) and "
+                      "unrecorded: %s", lost.record.request_id, lost.record)
+        self._backlog.append(item)
+
+    def store_failed(self, op: str) -> None:
+        self.store_errors += 1
+        if self._on_store_error is not None:
+            self._on_store_error(op)
 
     async def _reserve(
         self, scopes: tuple[ScopeLimits, ...], tokens: int, micro: int, rid: str
@@ -109,7 +172,7 @@ class Governor:
         try:
             return await self.store.reserve(scopes, tokens, micro, lease_seconds=lease, reservation_id=rid), self.store
         except QuotaUnavailable as e:
-            self.store_errors += 1
+            self.store_failed("reserve")
             if self._local is None:
                 log.error("quota store unavailable, refusing request %s (fail_closed): %s", rid, e.message)
                 raise
@@ -130,7 +193,7 @@ class Admission:
         self.caller = plan.caller
         self.model = plan.model
         self.prompt = plan.prompt
-        self.strip_usage_chunk = plan.add_usage  # the client did not ask for the usage chunk: drop it
+        self.output_cap = plan.inject_max_tokens  # the output cap to send upstream, if the client set none
         self._covered = plan.hold  # output tokens reserved so far
         self._meter: OutputMeter = governor.tokenizer.output_meter(plan.model)
         self._finished: UsageRecord | None = None
@@ -138,26 +201,30 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return self.reservation.headers()
 
-    def upstream_changes(self) -> dict[str, Any]:
-        """Fields to set in the upstream request body."""
-        changes: dict[str, Any] = {}
-        if self.plan.inject_max_tokens is not None:
-            changes["max_tokens"] = self.plan.inject_max_tokens
-        if self.strip_usage_chunk:
-            changes["stream_options"] = {"include_usage": True}
-        return changes
+    @property
+    def produced(self) -> int:
+        """Output tokens counted so far (streams)."""
+        return self._meter.tokens
+
+    def count_output(self, text: str) -> bool:
+        """Count streamed output; True when it outgrew the reservation and ``top_up`` is due."""
+        return self._meter.add(text) > self._covered
 
     async def on_output(self, text: str) -> None:
         """Count streamed output; past the reserved slices, reserve the next one or end the stream (429)."""
-        produced = self._meter.add(text)
+        if self.count_output(text):
+            await self.top_up()
+
+    async def top_up(self) -> None:
+        """Reserve slices until the output counted so far is covered; QuotaExceeded 429 when one is refused."""
         s = self._g.settings
-        while produced > self._covered:
+        while self._meter.tokens > self._covered:
             grow = s.stream_slice_tokens
             micro = s.prices.estimate(self.model, 0, grow)
             try:
                 result = await self._store.top_up(self.reservation, grow, micro, lease_seconds=s.lease_seconds)
             except QuotaUnavailable:
-                self._g.store_errors += 1
+                self._g.store_failed("top_up")
                 if s.on_store_error == "fail_closed":
                     raise
                 return  # fail open: keep streaming, settle later
@@ -167,28 +234,64 @@ class Admission:
 
     async def finish(
         self, usage: UsageLike | None, *, provider: str, model: str | None = None, cache_status: str = "bypass",
-        cache_write_tokens: int = 0, answered: bool = True,
+        cache_write_tokens: int = 0, outcome: Outcome = "complete",
     ) -> UsageRecord:
-        """Settle with the provider's usage (else the prompt plus what was streamed) and record it; once."""
+        """Settle with what the answer used (see the module docstring) and record it; once."""
         if self._finished is not None:
             return self._finished
-        if not answered:
-            usage = Usage(0, 0, 0)  # the provider produced nothing: nothing is billed
-        elif usage is None:
-            usage = Usage(self.prompt.tokens, await self._meter.exact(), 0)
         model = model or self.model
-        micro = self._g.settings.prices.cost(model, usage, cache_write_tokens=cache_write_tokens)
+        usage, micro = await self._billed(usage, outcome, model, cache_write_tokens)
         c = self.caller
         record = UsageRecord(c.request_id, c.principal or "", c.team or "", c.alias, provider, model,
                              usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, micro, cache_status)
         self._finished = record
-        try:
-            await self._store.settle(self.reservation, usage.prompt_tokens + usage.completion_tokens, micro)
-        except GatewayError as e:
-            self._g.store_errors += 1  # the lease will expire into a charge of what was reserved
-            log.error("could not settle request %s: %s", c.request_id, e.message)
-        try:
-            await self._g.ledger.append(record)
-        except GatewayError as e:
-            log.error("could not record usage of request %s: %s", c.request_id, e.message)
+        await self._g.complete(_Unfinished(self._store, self.reservation, record))
         return record
+
+    async def _billed(
+        self, usage: UsageLike | None, outcome: Outcome, model: str, cache_write_tokens: int
+    ) -> tuple[UsageLike, int]:
+        """The usage to bill and its cost in micro-dollars."""
+        if outcome in ("failed", "unsent"):
+            return Usage(0, 0, 0), 0
+        if outcome == "unknown":  # the work may have been done: bill what was held for it
+            r = self.reservation
+            return Usage(self.prompt.tokens, max(0, r.tokens - self.prompt.tokens), 0), r.micro_usd
+        if outcome == "partial" or (usage is None and self.plan.stream):
+            output = max(await self._meter.exact(), usage.completion_tokens if usage else 0)
+            usage = Usage(usage.prompt_tokens if usage else self.prompt.tokens, output,
+                          usage.cached_tokens if usage else 0)
+        elif usage is None:  # an answer without usage: its worst case, never 0
+            usage = Usage(self.prompt.tokens, self.plan.max_output, 0)
+        return usage, self._g.settings.prices.cost(model, usage, cache_write_tokens=cache_write_tokens)
+
+
+class _Unfinished:
+    """A finished request's settlement and ledger record, until both went through."""
+
+    __slots__ = ("store", "reservation", "record", "settled", "recorded")
+
+    def __init__(self, store: QuotaStore, reservation: Reservation, record: UsageRecord) -> None:
+        self.store = store
+        self.reservation = reservation
+        self.record = record
+        self.settled = self.recorded = False
+
+    async def run(self, g: Governor, *, quiet: bool = False) -> bool:
+        """Do what is left; False (and kept for later, unless ``quiet``) when the store failed."""
+        r = self.record
+        try:
+            if not self.settled:
+                await self.store.settle(self.reservation, r.input_tokens + r.output_tokens, r.micro_usd)
+                self.settled = True
+            if not self.recorded:
+                await g.ledger.append(r)
+                self.recorded = True
+        except GatewayError as e:
+            if not quiet:
+                g.store_failed("ledger" if self.settled else "settle")
+                log.error("could not %s request %s (kept to retry): %s",
+                          "record" if self.settled else "settle", r.request_id, e.message)
+                g.keep(self)
+            return False
+        return True

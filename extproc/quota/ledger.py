@@ -25,7 +25,8 @@ from redis.exceptions import RedisError
 
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.limits import MICROS_PER_USD
-from extproc.quota.redis_store import lua_source
+from extproc.quota.redis_store import connect, lua_source
+from extproc.quota.settings import QuotaSettings
 from extproc.quota.store import QuotaUnavailable
 
 DEFAULT_DEDUPE_SECONDS = 24 * 3600
@@ -135,6 +136,22 @@ def format_totals(groups: Mapping[str, Totals], by: str | None) -> str:
         lines.append(f"{'total':<32} {s.requests:>9} {s.input_tokens:>12} {s.cached_tokens:>12} "
                      f"{s.output_tokens:>12} {s.micro_usd / MICROS_PER_USD:>14.6f}")
     return "\n".join(lines)
+
+
+def open_ledger(
+    settings: QuotaSettings, *, password: str | None = None, client: aioredis.Redis | None = None,
+    timeout: float = 5.0,
+) -> Ledger:
+    """The configured ledger: the Redis stream when quotas use Redis, else the local file.
+
+    ``client`` shares a connection pool with the quota store; without one a
+    client with ``timeout`` is opened (reading a long stream needs more than
+    the request path's quarter second).
+    """
+    if settings.store == "redis" and settings.redis_url:
+        client = client or connect(settings.redis_url, password=password, timeout=timeout)
+        return RedisLedger(client, hash_tag=settings.hash_tag)
+    return FileLedger(settings.ledger_path or "usage.jsonl")
 
 
 class RedisLedger:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from extproc.errors import GatewayError
+from extproc.errors import QuotaExceeded
 
 Kind = Literal["tokens", "money"]
 Period = Literal["minute", "day", "month"]
@@ -123,11 +123,17 @@ class Rejection:
                 f"{usd(max(self.remaining, 0))} is left and this request may cost up to {usd(self.requested)}; "
                 f"it resets in {self.retry_after}s")
 
-    def error(self) -> GatewayError:
-        """The 429 the client gets, in OpenAI's shape, with ``Retry-After`` and ``x-ratelimit-*``."""
+    def error(self) -> QuotaExceeded:
+        """The 429 the client gets, in OpenAI's shape, with ``Retry-After`` and ``x-ratelimit-*``.
+
+        When waiting cannot help soon (a spent budget resets at the end of its
+        period; a request larger than the bucket never fits), ``x-should-retry:
+        false`` tells the OpenAI SDKs not to retry it at once.
+        """
         headers = {"retry-after": str(self.retry_after), **ratelimit_headers(self.states)}
-        kind = "tokens" if self.kind == "tokens" else "insufficient_quota"
-        return GatewayError(self.message(), status=429, type=kind, code=self.code, headers=headers)
+        if self.never_fits or self.kind == "money":
+            headers["x-should-retry"] = "false"
+        return QuotaExceeded(self.message(), scope_kind=self.scope.split(":", 1)[0], kind=self.kind, headers=headers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from extproc.quota.store import (
 )
 
 Meta = tuple[str, Kind, Period]  # scope, kind, period of one check, in script order
+_IDEMPOTENT = ("reserve", "settle")  # safe to repeat with the same reservation id after a lost reply
 
 
 def lua_source(name: str, *, with_common: bool = True) -> str:
@@ -54,15 +55,23 @@ def lua_source(name: str, *, with_common: bool = True) -> str:
     return prelude + (folder / f"{name}.lua").read_text()
 
 
-def connect(url: str, *, timeout: float = 0.25, max_connections: int = 64) -> aioredis.Redis:
+def connect(
+    url: str, *, password: str | None = None, timeout: float = 0.25, max_connections: int = 64
+) -> aioredis.Redis:
     """A client sized for the request path: short timeouts and no retry loop.
 
     redis-py's default retries with backoff for seconds, far past Envoy's
     per-message timeout; a quota call that cannot finish quickly must fail
-    (closed or open, as configured) instead.
+    (closed or open, as configured) instead. Two exceptions: a connection
+    error is retried once at once (after a Redis restart each pooled
+    connection is stale, and a command that died on one never ran), and a
+    reserve or settle whose reply timed out is sent once more (same id: it
+    cannot count twice), so a reply lost after the script ran does not refuse
+    a request that was in fact admitted. Two tries stay under 0.6 s.
     """
     return aioredis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+        url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         max_connections=max_connections, health_check_interval=30,
     )
 
@@ -165,14 +174,17 @@ class RedisQuotaStore:
     async def _run(self, op: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._scripts[op](keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-            raise QuotaUnavailable(f"the quota store (Redis) is unavailable: {e}") from e
-        except ResponseError as e:
-            if "TOLLGATE_CLOCK_SKEW" in str(e):
-                raise QuotaUnavailable("this sidecar's clock is more than a day away from the quota store's") from e
-            raise QuotaUnavailable(f"the quota store (Redis) failed: {e}") from e
-        except RedisError as e:
-            raise QuotaUnavailable(f"the quota store (Redis) failed: {e}") from e
+        except RedisTimeoutError as e:
+            if op not in _IDEMPOTENT:
+                raise QuotaUnavailable(f"the quota store (Redis) is unavailable: {e}") from e
+            # The script may have run and only its reply been lost: the same id again does not hold (or
+            # settle) twice, it answers with what the first call did.
+            try:
+                return await self._scripts[op](keys=keys, args=args)
+            except (RedisError, OSError) as again:
+                raise _unavailable(again) from again
+        except (RedisError, OSError) as e:
+            raise _unavailable(e) from e
 
     def _answer(
         self, reply: list[Any], rid: str, scopes: tuple[ScopeLimits, ...], meta: list[Meta]
@@ -186,6 +198,16 @@ class RedisQuotaStore:
         s = states[int(index) - 1]
         return Rejection(s.scope, s.kind, s.period, int(requested), s.limit, s.remaining,
                          max(1, math.ceil(int(retry_ms) / 1000)), bool(int(never)), states)
+
+
+def _unavailable(e: Exception) -> QuotaUnavailable:
+    if isinstance(e, ResponseError):
+        if "TOLLGATE_CLOCK_SKEW" in str(e):
+            return QuotaUnavailable("this sidecar's clock is more than a day away from the quota store's")
+        return QuotaUnavailable(f"the quota store (Redis) failed: {e}")
+    if isinstance(e, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return QuotaUnavailable(f"the quota store (Redis) is unavailable: {e}")
+    return QuotaUnavailable(f"the quota store (Redis) failed: {e}")
 
 
 def _state(meta: Meta, raw: list[Any]) -> LimitState:

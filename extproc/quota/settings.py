@@ -17,6 +17,7 @@ line. Example::
       ledger: {path: /var/lib/tollgate/usage.jsonl}   # embedded mode; Redis uses a stream
       prices: {my-deployment: {input: 2.5, output: 10, cached_input: 1.25}}
       default_price: {input: 15, output: 60}          # omit to refuse unpriced models
+      context_windows: {my-deployment: 128000}        # tokens; adds to / overrides the shipped table
       limits:
         org: {usd_per_day: 2000}
         teams:
@@ -62,6 +63,7 @@ class QuotaSettings:
     default_max_tokens: int = 4096
     ledger_path: str | None = None
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))
+    context_windows: Mapping[str, int] = field(default_factory=dict)
     org: LimitSpec | None = None
     teams: Mapping[str, LimitSpec] = field(default_factory=dict)
     principals: Mapping[str, LimitSpec] = field(default_factory=dict)
@@ -69,7 +71,7 @@ class QuotaSettings:
 
 
 _KEYS = {"store", "time_zone", "on_store_error", "replicas", "lease", "stream_slice_tokens",
-         "default_max_tokens", "ledger", "prices", "default_price", "limits"}
+         "default_max_tokens", "ledger", "prices", "default_price", "context_windows", "limits"}
 
 
 def parse_quota(
@@ -109,6 +111,8 @@ def parse_quota(
                                 d.default_max_tokens, 1, 1_000_000),
         ledger_path=_str(_mapping(m.get("ledger"), f"{where}.ledger", {"path"}).get("path"), f"{where}.ledger.path"),
         prices=prices,
+        context_windows={str(k): _int(v, f"{where}.context_windows.{k}", 0, 1, 100_000_000)
+                         for k, v in _mapping(m.get("context_windows"), f"{where}.context_windows", None).items()},
         org=_limit(limits["org"], f"{where}.limits.org") if limits.get("org") is not None else None,
         teams=_limits(limits.get("teams"), f"{where}.limits.teams"),
         principals=_limits(limits.get("principals"), f"{where}.limits.principals"),

@@ -10,7 +10,7 @@ import yaml
 from extproc.errors import GatewayError
 from extproc.providers.base import Usage
 from extproc.quota.governor import Admission, Caller, Governor
-from extproc.quota.ledger import FileLedger, totals
+from extproc.quota.ledger import FileLedger, RedisLedger, totals
 from extproc.quota.memory_store import MemoryQuotaStore
 from extproc.quota.policy import QuotaPolicy
 from extproc.quota.prices import UnpricedModel
@@ -20,6 +20,7 @@ from extproc.quota.store import QuotaUnavailable
 from extproc.quota.tokenizer import Tokenizer
 from tests.harness import free_port
 from tests.quota.conftest import UTC
+from tests.quota.redis_process import RedisProcess
 
 CONFIG = """
 quota:
@@ -91,7 +92,7 @@ async def test_a_plain_request_reserves_its_worst_case_and_settles_what_it_used(
     g = governor(tmp_path)
     a = await admit(g, {**HELLO, "max_tokens": 500})
     assert (a.reservation.tokens, a.reservation.micro_usd) == (9 + 500, 9 * 2.5 + 500 * 10 + 0.5)  # rounded up
-    assert a.upstream_changes() == {}
+    assert a.output_cap is None  # the client's own cap goes upstream unchanged
     assert a.headers()["x-ratelimit-limit-tokens"] == "400000"  # alice's bucket is the tightest
     record = await a.finish(Usage(9, 20, 0), provider="openai", model="gpt-4o-2024-08-06", cache_status="miss")
     assert (record.micro_usd, record.team, record.model) == (23 + 200, "ml", "gpt-4o-2024-08-06")
@@ -102,7 +103,9 @@ async def test_a_plain_request_reserves_its_worst_case_and_settles_what_it_used(
 
 async def test_without_max_tokens_the_default_cap_is_reserved_and_injected(tmp_path: Path) -> None:
     a = await admit(governor(tmp_path))
-    assert a.reservation.tokens == 9 + 1000 and a.upstream_changes() == {"max_tokens": 1000}
+    assert a.reservation.tokens == 9 + 1000 and a.output_cap == 1000
+    stream = await admit(governor(tmp_path), {**HELLO, "stream": True}, rid="req-2", stream=True)
+    assert stream.output_cap is None  # a stream is metered slice by slice: its request is left as it is
 
 
 async def test_over_budget_is_a_429_insufficient_quota(tmp_path: Path) -> None:
@@ -118,7 +121,6 @@ async def test_a_stream_is_topped_up_slice_by_slice_and_cut_when_the_budget_ends
     g = governor(tmp_path)
     a = await admit(g, {**HELLO, "stream": True, "max_tokens": 100_000}, team="tiny", stream=True)
     assert a.reservation.tokens == 9 + 100  # prompt + one slice, not the whole max_tokens
-    assert a.upstream_changes() == {"stream_options": {"include_usage": True}} and a.strip_usage_chunk
     word = " hello"  # one token
     with pytest.raises(GatewayError) as caught:
         for _ in range(100_000):
@@ -132,17 +134,64 @@ async def test_a_stream_is_topped_up_slice_by_slice_and_cut_when_the_budget_ends
     assert record.micro_usd == -(-(9 * 25 + produced * 100) // 10)
 
 
-async def test_a_client_that_asked_for_usage_keeps_its_usage_chunk(tmp_path: Path) -> None:
-    body = {**HELLO, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 10}
-    a = await admit(governor(tmp_path), body, stream=True)
-    assert not a.strip_usage_chunk and a.upstream_changes() == {}
-
-
-async def test_a_failed_upstream_is_billed_nothing(tmp_path: Path) -> None:
+async def test_a_failed_upstream_or_no_upstream_is_billed_nothing(tmp_path: Path) -> None:
     g = governor(tmp_path)
     a = await admit(g, {**HELLO, "max_tokens": 10})
-    record = await a.finish(None, provider="openai", answered=False)
-    assert record.micro_usd == 0
+    assert (await a.finish(None, provider="openai", outcome="failed")).micro_usd == 0
+    b = await admit(g, {**HELLO, "max_tokens": 10}, rid="req-2")
+    assert (await b.finish(None, provider="openai", outcome="unsent")).micro_usd == 0
+
+
+async def test_a_provider_asked_but_never_heard_from_is_billed_the_reservation(tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path), {**HELLO, "max_tokens": 500})
+    record = await a.finish(None, provider="openai", outcome="unknown")
+    assert (record.input_tokens, record.output_tokens, record.micro_usd) == (9, 500, a.reservation.micro_usd)
+
+
+async def test_an_answer_without_usage_is_billed_its_worst_case_never_zero(tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path), {**HELLO, "max_tokens": 50})
+    record = await a.finish(None, provider="openai")
+    assert (record.input_tokens, record.output_tokens) == (9, 50)
+
+
+async def test_a_stream_cut_short_keeps_the_providers_prompt_count_and_the_output_that_passed(tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path), {**HELLO, "stream": True}, stream=True, model="claude-sonnet-4-5")
+    await a.on_output(" hello world")
+    # Anthropic reported the prompt (and one output token) in message_start; the stream then broke
+    record = await a.finish(Usage(20, 1, 0), provider="anthropic", outcome="partial")
+    assert (record.input_tokens, record.output_tokens) == (20, a.produced) and a.produced > 1
+
+
+async def test_cache_writes_are_billed_at_their_own_price(tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path), {**HELLO, "max_tokens": 10}, model="claude-sonnet-4-5")
+    record = await a.finish(Usage(1000, 0, 0, 1000), provider="anthropic", cache_write_tokens=1000)
+    assert record.micro_usd == 1000 * 3.75  # $3.75 per 1M written, not the $3 input price
+
+
+async def test_a_prompt_larger_than_the_context_window_is_a_400_with_the_count(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    huge = {"model": "chat", "messages": [{"role": "user", "content": "hello " * 9000}]}
+    with pytest.raises(GatewayError) as caught:
+        await admit(g, huge, model="gpt-4")  # 8,192 tokens
+    e = caught.value
+    assert (e.status, e.code, e.param) == (400, "context_length_exceeded", "messages")
+    count = TOKENIZER.count_chat("gpt-4", huge).tokens
+    assert count > 8192 and f"8192 tokens, but the messages have {count} tokens" in e.message
+    assert (await admit(g, huge, model="gpt-4o")).prompt.tokens > 8192  # 128k: fits
+    custom = governor(tmp_path, settings(context_windows={"my-deployment": 5000},
+                                         default_price={"input": 1, "output": 1}))
+    with pytest.raises(GatewayError):
+        await admit(custom, huge, model="my-deployment")
+
+
+async def test_an_approximate_count_is_only_refused_well_past_the_window(tmp_path: Path) -> None:
+    g = governor(tmp_path, settings(context_windows={"claude": 1000}))
+    near = {"model": "chat", "messages": [{"role": "user", "content": "hello " * 900}]}  # ~1,090 (x1.2)
+    assert not (await admit(g, near, model="claude-sonnet-4-5")).prompt.exact
+    far = {"model": "chat", "messages": [{"role": "user", "content": "hello " * 1200}]}
+    with pytest.raises(GatewayError) as caught:
+        await admit(g, far, model="claude-sonnet-4-5", rid="req-2")
+    assert "about" in caught.value.message
 
 
 async def test_an_unpriced_model_is_refused_before_anything_is_reserved(tmp_path: Path) -> None:
@@ -154,10 +203,12 @@ async def test_an_unpriced_model_is_refused_before_anything_is_reserved(tmp_path
 
 async def test_a_store_outage_fails_closed_by_default(tmp_path: Path) -> None:
     dead = RedisQuotaStore(connect(f"redis://127.0.0.1:{free_port()}/0"), tz=UTC)
-    g = governor(tmp_path, store=dead)
+    seen: list[str] = []
+    g = Governor(settings(), store=dead, ledger=FileLedger(tmp_path / "usage.jsonl"), tokenizer=TOKENIZER,
+                 on_store_error=seen.append)
     with pytest.raises(QuotaUnavailable) as caught:
         await admit(g)
-    assert caught.value.status == 503 and g.store_errors == 1
+    assert caught.value.status == 503 and g.store_errors == 1 and seen == ["reserve"]
     await dead.close()
 
 
@@ -177,7 +228,7 @@ async def test_embeddings_reserve_their_input_and_no_output(tmp_path: Path) -> N
     g = governor(tmp_path)
     a = await g.admit({"model": "emb", "input": ["hello world", "hello"]}, caller=caller(), stream=False,
                       model="text-embedding-3-small", endpoint="embeddings")
-    assert (a.reservation.tokens, a.upstream_changes()) == (3, {})
+    assert (a.reservation.tokens, a.output_cap) == (3, None)
     assert TOKENIZER.count_embedding_input("text-embedding-3-small", [1, 2, 3, 4]).tokens == 4
 
 
@@ -186,3 +237,25 @@ def test_the_store_follows_the_gateways_redis_section() -> None:
     shared = parse_quota({"store": "auto"}, redis_url="redis://127.0.0.1:6379/0", key_prefix="acme")
     assert (shared.store, shared.redis_url, shared.hash_tag) == ("redis", "redis://127.0.0.1:6379/0", "acme")
     assert parse_quota({"store": "memory"}, redis_url="redis://127.0.0.1:6379/0").store == "memory"
+
+
+async def test_a_settlement_missed_while_redis_was_down_is_replayed_once_it_is_back(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path / "redis", appendonly=True) as server:
+        client = connect(server.url)
+        store = RedisQuotaStore(client, tz=UTC)
+        g = Governor(settings(), store=store, ledger=RedisLedger(client), tokenizer=TOKENIZER)
+        a = await admit(g, {**HELLO, "max_tokens": 1000}, rid="during-outage")
+        server.stop()
+        first = await a.finish(Usage(9, 10, 0), provider="openai")  # neither settled nor recorded: kept
+        assert g.store_errors == 1 and len(g._backlog) == 1
+        server.restart()
+        b = await admit(g, {**HELLO, "max_tokens": 1000}, rid="after")
+        second = await b.finish(Usage(9, 20, 0), provider="openai")  # settles, then replays the first
+        assert not g._backlog
+        spent = (await totals(g.ledger, since=0, team="ml"))["total"]
+        assert (spent.requests, spent.micro_usd) == (2, first.micro_usd + second.micro_usd)
+        probe = await store.reserve(QuotaPolicy(settings()).scopes(principal="alice", team="ml", alias="chat"), 0, 0,
+                                    lease_seconds=1)
+        team = next(s for s in probe.states if s.scope == "team:ml" and s.kind == "money")
+        assert team.limit - team.remaining == first.micro_usd + second.micro_usd  # the first hold was refunded
+        await client.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.quota.clock import OffsetClock
 from extproc.quota.limits import Budget, Rejection, Reservation, ScopeLimits, TokenBucket
@@ -75,3 +76,40 @@ async def test_an_unreachable_store_fails_closed() -> None:
         await store.reserve([TEAM], 1, 1, lease_seconds=30)
     assert caught.value.status == 503
     await store.close()
+
+
+class LosesReplies(aioredis.Redis):
+    """A real client whose next ``lose`` script calls run in Redis but whose replies never arrive."""
+
+    lose = 0
+
+    async def evalsha(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        reply = await super().evalsha(*args, **kwargs)
+        if self.lose:
+            self.lose -= 1
+            raise RedisTimeoutError("Timeout reading from socket")
+        return reply
+
+
+async def test_a_reserve_whose_reply_was_lost_is_asked_again_and_holds_once(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = LosesReplies.from_url(redis_server.url)
+    await client.flushall()
+    store = RedisQuotaStore(client, tz=UTC)
+    client.lose = 1
+    r = await store.reserve([TEAM], 10, 2 * USD, lease_seconds=30, reservation_id="rid-1")
+    assert isinstance(r, Reservation) and client.lose == 0  # the second call found the first one's hold
+    probe = await store.reserve([TEAM], 0, 0, lease_seconds=30)
+    assert isinstance(probe, Reservation)
+    assert [s.remaining for s in probe.states if s.kind == "money"] == [48 * USD]  # held once, not twice
+    client.lose = 1
+    assert (await store.settle(r, 10, 1 * USD)).outcome == "duplicate"  # the lost one settled: no second refund
+    probe = await store.reserve([TEAM], 0, 0, lease_seconds=30)
+    assert isinstance(probe, Reservation)
+    assert [s.remaining for s in probe.states if s.kind == "money"] == [49 * USD]
+    client.lose = 1
+    with pytest.raises(QuotaUnavailable):  # a top-up is not repeated: a stream is cut rather than held twice
+        await store.top_up(probe, 1, 0, lease_seconds=30)
+    client.lose = 2
+    with pytest.raises(QuotaUnavailable):  # lost twice: fail as configured
+        await store.reserve([TEAM], 1, 0, lease_seconds=30, reservation_id="rid-2")
+    await client.aclose()
