@@ -45,7 +45,7 @@ import yaml
 from extproc.config import Limits
 from tests.harness import ENVOY, Gateway, free_port, wait_port, wait_ready
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAKE = REPO / "tests" / "fake_provider.py"
 TICK = os.sysconf("SC_CLK_TCK")
 
