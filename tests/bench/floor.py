@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         wait_port(gw.port)
                         current = conf
                     server = subprocess.Popen(cmd, stdout=(tmp / "server.log").open("ab"), stderr=subprocess.STDOUT,
-                                              env=gw.env, cwd=Path(__file__).resolve().parent.parent)
+                                              env=gw.env, cwd=Path(__file__).resolve().parents[2])
                     try:
                         wait_port(gw.extproc_port)
                         for c in conc:
