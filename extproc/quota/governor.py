@@ -8,7 +8,8 @@ Per request::
         # (or UnpricedModel 400, QuotaUnavailable 503)
     admission.output_cap                           # a non-streamed request without a cap gets this one upstream
     response headers += admission.headers()        # x-ratelimit-*-tokens
-    await admission.on_output(delta_text)          # per streamed chunk; raises 429 when a top-up is refused
+    admission.count_output(delta_text)             # per streamed chunk: go, wait (await top_up()) or stop
+    await admission.on_output(delta_text)          # the same, awaiting: raises 429 when a top-up is refused
     record = await admission.finish(usage, provider=..., model=answering_model, outcome=...)
         # when the exchange ends: settles the difference exactly once, appends the ledger record
 
@@ -57,6 +58,7 @@ from extproc.quota.tokenizer import OutputMeter, TokenCount, Tokenizer
 log = logging.getLogger("tollgate.quota")
 BACKLOG_LIMIT = 10_000  # unsettled / unrecorded requests kept for a replay while the store is down
 
+Step = Literal["go", "wait", "stop"]  # what a stream may do after a chunk (Admission.count_output)
 Outcome = Literal["complete", "partial", "failed", "unsent", "unknown"]
 # complete: the answer ended normally (the provider's usage, else our count)
 # partial:  a stream that ended early (cut by a quota, broken, client gone): the prompt and what passed
@@ -197,6 +199,9 @@ class Admission:
         self._covered = plan.hold  # output tokens reserved so far
         self._meter: OutputMeter = governor.tokenizer.output_meter(plan.model)
         self._finished: UsageRecord | None = None
+        self._ahead = max(1, governor.settings.stream_slice_tokens // 2)  # ask for the next slice this early
+        self._growing: asyncio.Task[None] | None = None  # a top-up under way
+        self._refused: GatewayError | None = None  # the next slice was refused: the stream ends at the boundary
 
     def headers(self) -> dict[str, str]:
         return self.reservation.headers()
@@ -206,30 +211,63 @@ class Admission:
         """Output tokens counted so far (streams)."""
         return self._meter.tokens
 
-    def count_output(self, text: str) -> bool:
-        """Count streamed output; True when it outgrew the reservation and ``top_up`` is due."""
-        return self._meter.add(text) > self._covered
+    def count_output(self, text: str) -> Step:
+        """Count streamed output and say what the stream may do next.
+
+        ``go``: it is covered. Half a slice before the end of what is covered,
+        the next slice is asked for in the background, so a granted slice
+        costs the stream no store round trip and a refused one is known before
+        the boundary. ``wait``: past the boundary with the answer not in yet
+        (``await top_up()``). ``stop``: past the boundary and refused: end the
+        stream now, without another store call, so as little as possible is
+        produced beyond what was held.
+        """
+        produced = self._meter.add(text)
+        if produced <= self._covered:
+            if self._growing is None and self._refused is None and produced > self._covered - self._ahead:
+                self._growing = asyncio.get_running_loop().create_task(self._grow())
+            return "go"
+        return "stop" if self._refused is not None else "wait"
+
+    def refusal(self) -> GatewayError:
+        """Why the stream must stop (after ``count_output`` said ``stop``)."""
+        assert self._refused is not None
+        return self._refused
 
     async def on_output(self, text: str) -> None:
         """Count streamed output; past the reserved slices, reserve the next one or end the stream (429)."""
-        if self.count_output(text):
+        if self.count_output(text) != "go":
             await self.top_up()
 
     async def top_up(self) -> None:
-        """Reserve slices until the output counted so far is covered; QuotaExceeded 429 when one is refused."""
-        s = self._g.settings
+        """Hold slices until the output counted so far is covered; raise the refusal (429, or 503) if one is refused."""
         while self._meter.tokens > self._covered:
-            grow = s.stream_slice_tokens
-            micro = s.prices.estimate(self.model, 0, grow)
-            try:
-                result = await self._store.top_up(self.reservation, grow, micro, lease_seconds=s.lease_seconds)
-            except QuotaUnavailable:
-                self._g.store_failed("top_up")
-                if s.on_store_error == "fail_closed":
-                    raise
-                return  # fail open: keep streaming, settle later
-            if isinstance(result, Rejection):
-                raise result.error()
+            if self._refused is not None:
+                raise self._refused
+            if self._growing is None:
+                self._growing = asyncio.get_running_loop().create_task(self._grow())
+            grown = self._covered
+            await asyncio.shield(self._growing)
+            if self._covered == grown and self._refused is None:
+                return  # fail open: the store is down; keep streaming, settle later
+
+    async def _grow(self) -> None:
+        """Reserve one more slice: on success it is covered; a refusal is kept for the boundary."""
+        s = self._g.settings
+        grow = s.stream_slice_tokens
+        try:
+            result = await self._store.top_up(self.reservation, grow, s.prices.estimate(self.model, 0, grow),
+                                              lease_seconds=s.lease_seconds)
+        except QuotaUnavailable as e:
+            self._g.store_failed("top_up")
+            if s.on_store_error == "fail_closed":
+                self._refused = e
+            return
+        finally:
+            self._growing = None
+        if isinstance(result, Rejection):
+            self._refused = result.error()
+        else:
             self.reservation, self._covered = result, self._covered + grow
 
     async def finish(
@@ -239,6 +277,10 @@ class Admission:
         """Settle with what the answer used (see the module docstring) and record it; once."""
         if self._finished is not None:
             return self._finished
+        if self._growing is not None:  # settle what was finally held, not a moving target
+            await asyncio.wait([self._growing])
+            if self._finished is not None:
+                return self._finished
         model = model or self.model
         usage, micro = await self._billed(usage, outcome, model, cache_write_tokens)
         c = self.caller

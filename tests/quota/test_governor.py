@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,18 @@ async def test_a_settlement_missed_while_redis_was_down_is_replayed_once_it_is_b
         team = next(s for s in probe.states if s.scope == "team:ml" and s.kind == "money")
         assert team.limit - team.remaining == first.micro_usd + second.micro_usd  # the first hold was refunded
         await client.aclose()
+
+
+async def test_the_next_slice_is_asked_for_ahead_so_a_stream_never_waits_and_stops_right_at_its_boundary(
+        tmp_path: Path) -> None:
+    a = await admit(governor(tmp_path), {**HELLO, "stream": True, "max_tokens": 100_000}, team="tiny", stream=True)
+    steps = []
+    while not steps or steps[-1] == "go":
+        steps.append(a.count_output(" hello"))
+        await asyncio.sleep(0)  # the event loop runs: the background top-ups land
+    assert steps[-1] == "stop" and "wait" not in steps  # granted slices never held the stream up
+    assert a.produced == a._covered + 1  # it ends on the first token past what was held
+    assert a.refusal().code == "insufficient_quota"
+    assert 4_800 <= a.produced <= 5_000  # $0.05 at $10 per 1M output tokens
+    with pytest.raises(GatewayError):
+        await a.top_up()
