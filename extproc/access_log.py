@@ -19,6 +19,7 @@ def access_record(ex: Exchange, now: float) -> str:
         "provider": ex.provider,
         "principal": ex.principal,
         "team": ex.team,
+        "tier": ex.tier,
         "model": ex.target_model,
         "response_model": ex.response_model,
         "attempts": ex.attempts,

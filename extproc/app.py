@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from dataclasses import dataclass
-
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from extproc.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig
-from extproc.credentials import CredentialVault
+from extproc.credentials import CredentialVault, secret_reader
 from extproc.exchange import Exchange, Exchanges
+from extproc.metering import settle
 from extproc.metrics import Metrics
+from extproc.providers.base import Usage
+from extproc.quota.calendar import zone
+from extproc.quota.governor import Governor
+from extproc.quota.ledger import Ledger, open_ledger
+from extproc.quota.limits import MICROS_PER_USD
+from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.redis_store import RedisQuotaStore, connect
+from extproc.quota.settings import ANY
+from extproc.quota.store import QuotaStore
+from extproc.quota.tokenizer import Tokenizer
+
+log = logging.getLogger("tollgate")
 
 
 @dataclass
@@ -25,22 +40,82 @@ class Gateway:
     access_log: logging.Logger
     metrics: Metrics
     auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
+    governor: Governor | None = None  # None without a quota section: nothing is counted or limited
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
-        """One stream of ``ex`` is done; the last one records metrics and writes the access log line."""
-        if self.exchanges.release(ex):
-            now = time.monotonic()
-            self.metrics.observe(ex, now)
-            self.access_log.info(access_record(ex, now))
+        """One stream of ``ex`` is done; the last one settles its quota hold, records metrics and the access log.
+
+        Settling talks to the store, so it runs as a task of its own: a closing
+        stream (even one Envoy reset) never waits for it, and it runs once.
+        """
+        if not self.exchanges.release(ex):
+            return
+        if ex.admission is None or self.governor is None:
+            self._record(ex)
+        else:
+            self.spawn(self._settle(self.governor, ex))
+
+    async def _settle(self, gov: Governor, ex: Exchange) -> None:
+        try:
+            record = await settle(gov, ex)
+            ex.cost_usd = record.micro_usd / MICROS_PER_USD
+            if not ex.answer_complete and record.input_tokens:  # no (final) provider usage: what was billed
+                ex.usage = Usage(record.input_tokens, record.output_tokens, record.cached_tokens)
+        except Exception:
+            log.exception("could not settle the quota hold of request %s", ex.request_id)
+        finally:
+            self._record(ex)
+
+    def _record(self, ex: Exchange) -> None:
+        now = time.monotonic()
+        self.metrics.observe(ex, now)
+        self.access_log.info(access_record(ex, now))
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``work`` on the loop, kept until it is done (and awaited by ``close``)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Let pending settlements finish, then close the quota store and ledger."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self.governor is not None:
+            await self.governor.store.close()
+            await self.governor.ledger.close()
 
 
 def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> Gateway:
     env = dict(os.environ) if env is None else env
+    quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
+    metrics = Metrics(config, teams={*config.teams, *quota_teams})
     return Gateway(
         config=config,
         vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
-        metrics=Metrics(config, teams=config.teams),
+        metrics=metrics,
         auth=build_authenticator(config, env),
+        governor=build_governor(config, env, metrics),
     )
+
+
+def build_governor(config: GatewayConfig, env: dict[str, str], metrics: Metrics) -> Governor | None:
+    q = config.quota
+    if q is None:
+        return None
+    store: QuotaStore
+    ledger: Ledger
+    if q.store == "redis" and config.redis is not None:
+        password = secret_reader(config.redis.password, env)() if config.redis.password else None
+        client = connect(config.redis.url, password=password)
+        store = RedisQuotaStore(client, tz=zone(q.time_zone), hash_tag=q.hash_tag)
+        ledger = open_ledger(q, client=client)
+    else:
+        store = MemoryQuotaStore(tz=zone(q.time_zone))
+        ledger = open_ledger(q)
+    return Governor(q, store=store, ledger=ledger, tokenizer=Tokenizer(),
+                    on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error))

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+
+from extproc.quota.settings import QuotaSettings, parse_quota
 
 PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "demo")
 ENV_CONFIG = "TOLLGATE_CONFIG"
@@ -203,6 +205,7 @@ class GatewayConfig:
     auth: AuthSettings = AuthSettings()
     teams: dict[str, Team] = field(default_factory=dict)
     redis: RedisSettings | None = None
+    quota: QuotaSettings | None = None  # None: no token or money governance at all
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -339,7 +342,8 @@ class _Builder:
     # -- sections
     def gateway(self, data: Any) -> GatewayConfig:
         top = self.mapping(
-            data, "", {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis"}
+            data, "",
+            {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota"},
         )
         d = GatewayConfig()
         providers = self.providers(top.get("providers"))
@@ -359,6 +363,7 @@ class _Builder:
             auth=auth,
             teams=teams,
             redis=redis,
+            quota=self.quota(top.get("quota"), redis, models),
             source=self.source,
         )
 
@@ -556,6 +561,28 @@ class _Builder:
             raise self.fail("redis.key_prefix", "use letters, digits and . _ : -")
         password = self.secret(m["password"], "redis.password") if "password" in m else None
         return RedisSettings(url=url, password=password, key_prefix=prefix)
+
+    def quota(self, v: Any, redis: RedisSettings | None, models: dict[str, ModelAlias]) -> QuotaSettings | None:
+        if v is None:
+            return None
+        try:
+            q = parse_quota(v, "quota", redis_url=redis.url if redis else None,
+                            key_prefix=redis.key_prefix if redis else "tollgate")
+        except ValueError as e:
+            path, _, message = str(e).partition(": ")
+            raise self.fail(path, message) from None
+        for name, alias in models.items():  # refuse an unpriced model now, not by charging 0 later
+            for i, t in enumerate(alias.targets):
+                if q.prices.missing([t.model]):
+                    raise self.fail(f"models.{name}.targets[{i}].model",
+                                    f"no price for model {t.model!r}; add it under quota.prices "
+                                    "or set quota.default_price")
+        if q.store == "memory" and q.ledger_path is None:
+            state = self.env.get("XDG_STATE_HOME") or (self.env.get("HOME", "/tmp") + "/.local/state")
+            q = replace(q, ledger_path=state + "/tollgate/usage.jsonl")
+        elif q.ledger_path:
+            q = replace(q, ledger_path=self.path(q.ledger_path))
+        return q
 
     def teams(self, v: Any, declared: set[str], usable: set[str]) -> dict[str, Team]:
         m = self.mapping(v, "teams", set(v or {}) if isinstance(v, dict) else set())

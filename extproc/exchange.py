@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from extproc.providers.base import Usage
+
+if TYPE_CHECKING:
+    from extproc.quota.governor import Admission
 
 
 @dataclass(slots=True)
@@ -24,6 +28,8 @@ class Exchange:
     stream: bool = False
     principal: str | None = None  # who is calling (set by authentication)
     team: str | None = None  # which team the call is charged to
+    tier: str | None = None  # the caller's tier claim, if the issuer maps one
+    admission: Admission | None = None  # the quota hold, when quotas are on; settled when the exchange ends
     started_at: float = field(default_factory=time.monotonic)  # request headers reached the gateway
     received_at: float = field(default_factory=time.monotonic)  # full request read
     attempts: int = 0
@@ -36,6 +42,8 @@ class Exchange:
     last_token_at: float | None = None
     content_chunks: int = 0
     stream_failed: bool = False
+    streamed: bool = False  # the answer came as a stream of server-sent events
+    answer_complete: bool = False  # a whole answer was read, or its stream ended cleanly ([DONE] / message_stop)
     error: str | None = None
     holders: int = 1  # the gateway stream, plus each attempt stream while it runs
     cache: str = "bypass"  # semantic cache result: hit | miss | bypass

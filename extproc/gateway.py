@@ -11,6 +11,10 @@ token seen before costs a hash and a dict lookup; only a token whose issuer
 keys must be fetched makes the stage a coroutine), and the body stage checks
 that the caller's team may use the resolved alias. The client's credentials
 are removed here already, and again by every attempt.
+
+With quotas on, the body stage then admits the request (``metering.admit``:
+count the prompt, reserve its worst case in every scope in one store call)
+before it is routed; a refusal is a 429 and nothing reaches a provider.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from extproc import messages
+from extproc import messages, metering
 from extproc.app import Gateway
 from extproc.auth.identity import Identity
 from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
@@ -106,11 +110,25 @@ class GatewayExchange:
         rid = self.request_id
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
-        self.exchange = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")), started_at=self.started)
+        self.exchange = ex = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")),
+                                      started_at=self.started)
         if ident is not None:
-            self.exchange.principal, self.exchange.team = ident.principal, ident.team
-        gw.exchanges.add(self.exchange)  # holds one reference until this stream closes
-        warming = gw.vault.warm_up(gw.config.models[alias])  # Azure AD tokens not fetched yet
+            ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
+        gw.exchanges.add(ex)  # holds one reference until this stream closes
+        if gw.governor is not None:
+            return self._admit_then_route(ex)
+        return self._route(alias)
+
+    async def _admit_then_route(self, ex: Exchange) -> messages.ProcessingResponse:
+        gw = self.gw
+        assert gw.governor is not None
+        first = gw.config.models[ex.alias].targets[0].model  # counted and priced as the alias's first target
+        await metering.admit(gw.governor, gw.metrics, ex, first, gw.spawn)
+        resp = self._route(ex.alias)
+        return resp if isinstance(resp, messages.ProcessingResponse) else await resp
+
+    def _route(self, alias: str) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
+        warming = self.gw.vault.warm_up(self.gw.config.models[alias])  # Azure AD tokens not fetched yet
         if warming is not None:
             return self._route_after(warming, alias)
         return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)

@@ -85,6 +85,22 @@ def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
     return resp
 
 
+def cut_stream(last_chunk: bytes, status: int) -> tuple[pb.ProcessingResponse, pb.ProcessingResponse]:
+    """End a STREAMED response early: answer this chunk with ``last_chunk``, then stop the exchange.
+
+    After the response headers have left, an ImmediateResponse cannot change
+    the status; Envoy answers it by resetting the stream, which also closes
+    the upstream connection, so the provider stops generating. The chunk
+    (typically ending in an SSE error event) reaches the client first, ahead
+    of the reset. Measured with Envoy 1.40 and HTTP/1.1: the client reads the
+    error event at once; the connection closes after the HCM's delayed-close
+    timeout (1 s). The OpenAI SDKs raise ``APIError`` on the event.
+    """
+    stop = immediate(status, b"")
+    stop.immediate_response.details = "tollgate_stream_cut"
+    return stream_body(last_chunk), stop
+
+
 def immediate(
     status: int, body: bytes, headers: Mapping[str, str] | None = None, content_type: str = "application/json"
 ) -> pb.ProcessingResponse:

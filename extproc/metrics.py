@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from extproc.config import Address, GatewayConfig
 from extproc.exchange import Exchange
+from extproc.quota.limits import MICROS_PER_USD, LimitState
 
 OTHER = "other"
 NONE = "none"
@@ -77,8 +78,15 @@ class Metrics:
             "tollgate_fallback_attempts", "Attempts made on a later target, by why the previous one failed.",
             ("alias", "from_provider", "reason"), registry=r)
         self.rejections = Counter(
-            "tollgate_quota_rejections", "Requests refused by a token bucket or budget, by scope and kind.",
+            "tollgate_quota_rejections",
+            "Requests refused (or streams cut) by a token bucket or budget, by kind of scope (principal, team, "
+            "org, alias) and kind of limit (tokens, money).",
             ("scope", "kind"), registry=r)
+        self.quota_store_errors = Counter(
+            "tollgate_quota_store_errors",
+            "Calls to the shared quota store that failed, by operation (reserve, top_up, settle, ledger) and the "
+            "configured policy (fail_closed refuses the request, fail_open admits it against local limits).",
+            ("operation", "policy"), registry=r)
         self.cache_lookups = Counter(
             "tollgate_cache_lookups", "Semantic-cache lookups by result (hit, miss, bypass).",
             ("alias", "result"), registry=r)
@@ -168,6 +176,28 @@ class Metrics:
         none = (NONE, NONE, NONE, self.team(None))
         self.requests.labels(*none, "client_error" if status < 500 else "gateway_error", f"{status // 100}xx",
                              code).inc()
+
+    def quota_rejected(self, scope_kind: str, kind: str) -> None:
+        if self.enabled:
+            scope = scope_kind if scope_kind in ("principal", "team", "org", "alias") else OTHER
+            self.rejections.labels(scope, kind if kind in ("tokens", "money") else OTHER).inc()
+
+    def quota_store_error(self, operation: str, policy: str) -> None:
+        if self.enabled:
+            self.quota_store_errors.labels(operation, policy).inc()
+
+    def budgets(self, states: Iterable[LimitState]) -> None:
+        """Money left for each team seen in a quota call (the tightest of its periods)."""
+        if not self.enabled:
+            return
+        left: dict[str, int] = {}
+        for s in states:
+            if s.kind == "money" and s.scope.startswith("team:"):
+                team = s.scope[5:]
+                left[team] = min(s.remaining, left.get(team, s.remaining))
+        for team, micro in left.items():
+            if team in self._teams:  # a bounded label: configured teams only
+                self.budget_remaining.labels(team).set(micro / MICROS_PER_USD)
 
     def fallback(self, alias: str, from_provider: str | None, previous_status: int | None) -> None:
         if previous_status is None or previous_status == 0:

@@ -1,7 +1,8 @@
 """The gRPC ext_proc server: one small exchange object per Envoy stream.
 
 ``Process`` only dispatches: it reads a message, calls the exchange's method
-for that phase, and writes exactly one answer. A ``GatewayError`` becomes an
+for that phase, and writes exactly one answer (or, to end a streamed answer
+early, that answer followed by an ImmediateResponse: ``messages.cut_stream``). A ``GatewayError`` becomes an
 ImmediateResponse here and nowhere else; any other exception is logged and
 answered with a 500 in the same shape, so one broken exchange never touches
 another. Which filter a stream comes from is told by the gRPC metadata Envoy
@@ -58,7 +59,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     resp = handler(req)
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
-                    yield resp
+                    if isinstance(resp, tuple):
+                        for part in resp:
+                            yield part
+                    else:
+                        yield resp
                 except GatewayError as err:
                     self._note_error(ex, err)
                     yield messages.error_response(err, _request_id(ex))

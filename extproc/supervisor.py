@@ -109,6 +109,9 @@ async def serve(
     if gw.auth is not None:
         await gw.auth.start()  # issuers' keys and the deny list, before the first request
     await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
+    if gw.governor is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
+        models = {a.targets[0].model for a in cfg.models.values()}
+        await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
     server, processor, health = await start_server(gw)
     gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
@@ -151,6 +154,7 @@ async def serve(
             except asyncio.TimeoutError:
                 envoy.kill()
                 await envoy.wait()
+        await gw.close()  # pending quota settlements, then the quota store and ledger
         gw.metrics.close()
         await gw.vault.close()
         if gw.auth is not None:

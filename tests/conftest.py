@@ -54,7 +54,8 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     def start(config: dict[str, Any], *, split: bool = False, env: dict[str, str] | None = None) -> Gateway:
         d = tmp_path / f"gw{len(started)}"
         d.mkdir()
-        g = Gateway(d, config, env={**KEYS, **(env or {})}, split=split)
+        state = {"XDG_STATE_HOME": str(d / "state")}  # the usage ledger and deny-list files stay in the test
+        g = Gateway(d, config, env={**KEYS, **state, **(env or {})}, split=split)
         started.append(g)
         return g.start()
 

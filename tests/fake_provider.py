@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,7 +277,8 @@ class FakeProvider:
 
     def __init__(self, kind: str, api_key: str | None = "sk-test",
                  host: str = "127.0.0.1", port: int = 0, *, record: bool = True,
-                 default: Behaviour | None = None):
+                 default: Behaviour | None = None,
+                 prompt_counter: Callable[[dict], int] | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
@@ -284,6 +286,9 @@ class FakeProvider:
         self.host = host
         self.port = port
         self.record = record
+        # How chat prompts are counted (the request body in; tokens out); by default a quarter of the
+        # JSON length of the messages. Tests of exact billing pass the provider's real recipe.
+        self.prompt_counter = prompt_counter
         self.behaviours: list[Behaviour] = []
         self.default = default or Behaviour()
         self.requests: list[Recorded] = []
@@ -424,6 +429,11 @@ class FakeProvider:
             return self.behaviours.pop(0)
         except IndexError:
             return self.default
+
+    def _prompt(self, body: dict) -> int:
+        if self.prompt_counter is not None:
+            return self.prompt_counter(body)
+        return count_prompt_tokens(body.get("messages"))
 
     def _log_usage(self, prompt: int, completion: int, stream: bool,
                    completed: bool) -> None:
@@ -750,8 +760,7 @@ class FakeProvider:
     async def _openai_chat(self, request: web.Request, b: Behaviour, body: dict,
                            deployment: str | None) -> web.StreamResponse:
         model = body.get("model") or deployment or "gpt-4o"
-        prompt = b.prompt_tokens if b.prompt_tokens is not None else \
-            count_prompt_tokens(body.get("messages"))
+        prompt = b.prompt_tokens if b.prompt_tokens is not None else self._prompt(body)
         cid = f"chatcmpl-{_rand(29)}"
         created = int(time.time())
         is_azure = self.kind == "azure"
@@ -871,8 +880,7 @@ class FakeProvider:
     async def _anthropic_messages(self, request: web.Request, b: Behaviour,
                                   body: dict) -> web.StreamResponse:
         model = body["model"]
-        prompt = b.prompt_tokens if b.prompt_tokens is not None else \
-            count_prompt_tokens(body.get("messages"))
+        prompt = b.prompt_tokens if b.prompt_tokens is not None else self._prompt(body)
         mid = f"msg_01{_rand(22)}"
         stop_reason = "end_turn"
         tool = None

@@ -38,3 +38,13 @@ def test_the_demo_embeddings_and_the_model_list(client):
     a, b, c = client.embeddings.create(model="demo-embedding", input=["red apple", "red apple pie", "tax law"]).data
     dot = lambda x, y: sum(p * q for p, q in zip(x.embedding, y.embedding))  # noqa: E731
     assert dot(a, b) > dot(a, c)
+
+
+def test_every_demo_answer_shows_the_demo_budget(client):
+    raw = client.chat.completions.with_raw_response.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-ratelimit-limit-tokens"] == "200000"
+    assert 0 < int(raw.headers["x-ratelimit-remaining-tokens"]) < 200000
+    assert raw.headers["x-ratelimit-reset-tokens"].endswith(("ms", "s"))
+    with client.chat.completions.with_streaming_response.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], stream=True) as stream:
+        assert stream.headers["x-ratelimit-limit-tokens"] == "200000"
