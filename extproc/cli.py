@@ -11,6 +11,7 @@ import tempfile
 
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
 from extproc.config import ConfigError, load_config
+from extproc.quota import commands as quota_commands
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     inj.add_argument("--drain-seconds", type=int, help="longest wait for in-flight streams on shutdown")
     inj.add_argument("--native-sidecars", action="store_true", help="use init-container sidecars (Kubernetes 1.29+)")
     add_parsers(sub)
+    quota_commands.add_parsers(sub)
     return p
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return deny_command(cfg, args)
     if args.command == "dev-token":
         return dev_token_command(cfg, args)
+    if args.command == "spend":
+        return quota_commands.spend_command(cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
     from extproc.logs import setup_logging
