@@ -122,8 +122,8 @@ class GatewayExchange:
     async def _admit_then_route(self, ex: Exchange) -> messages.ProcessingResponse:
         gw = self.gw
         assert gw.governor is not None
-        first = gw.config.models[ex.alias].targets[0].model  # counted and priced as the alias's first target
-        await metering.admit(gw.governor, gw.metrics, ex, first, gw.spawn)
+        models = [t.model for t in gw.config.models[ex.alias].targets]  # counted as the first, held at the dearest
+        await metering.admit(gw.governor, gw.metrics, ex, models, gw.spawn)
         resp = self._route(ex.alias)
         return resp if isinstance(resp, messages.ProcessingResponse) else await resp
 

@@ -11,7 +11,7 @@ stream. When the last stream holding the exchange closes, ``Gateway.release``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from extproc.errors import QuotaExceeded
@@ -23,17 +23,18 @@ from extproc.quota.ledger import UsageRecord
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
 
-async def admit(gov: Governor, metrics: Metrics, ex: Exchange, model: str, spawn: Spawn) -> None:
+async def admit(gov: Governor, metrics: Metrics, ex: Exchange, models: Sequence[str], spawn: Spawn) -> None:
     """Reserve ``ex``'s worst case (streams: its prompt and one slice) in every scope, or raise 429/503.
 
-    ``model`` is the alias's first target, whose tokenizer and price the
-    reservation uses. If Envoy gives up on the exchange while the store is
-    answering (the client left), a hold that was granted anyway is settled
-    as unused instead of expiring into a charge.
+    ``models`` are the alias's targets in fallback order: the first one's
+    tokenizer counts the prompt, and the hold is priced at the dearest of
+    them. If Envoy gives up on the exchange while the store is answering
+    (the client left), a hold that was granted anyway is settled as unused
+    instead of expiring into a charge.
     """
     caller = Caller(ex.request_id, ex.principal, ex.team, ex.alias)
-    task = asyncio.ensure_future(gov.admit(ex.body, caller=caller, model=model, stream=ex.stream,
-                                           endpoint=ex.endpoint))
+    task = asyncio.ensure_future(gov.admit(ex.body, caller=caller, model=models[0], stream=ex.stream,
+                                           endpoint=ex.endpoint, fallbacks=models[1:]))
     try:
         admission = await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -86,6 +86,7 @@ class Plan:
     hold: int  # output tokens reserved up front (streams: one slice)
     inject_max_tokens: int | None  # a non-streamed request without a cap: send this one upstream
     stream: bool
+    priced_as: tuple[str, ...] = ()  # holds are priced at the dearest of these (the alias's targets)
 
 
 class Governor:
@@ -113,8 +114,11 @@ class Governor:
                        if settings.on_store_error == "fail_open" else None)
 
     async def admit(
-        self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool, endpoint: str = "chat"
+        self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool, endpoint: str = "chat",
+        fallbacks: Sequence[str] = (),
     ) -> Admission:
+        """Count the prompt with ``model``'s tokenizer and hold its worst case, priced at the dearest of
+        ``model`` and the ``fallbacks`` that may answer instead (so no fallback can cost more than was held)."""
         if endpoint == "embeddings":
             prompt = await asyncio.to_thread(self.tokenizer.count_embedding_input, model, body.get("input"))
             asked: Any = 0  # embeddings produce no output tokens
@@ -124,13 +128,18 @@ class Governor:
             asked = body.get("max_completion_tokens") or body.get("max_tokens")
         max_output = asked if isinstance(asked, int) else self.settings.default_max_tokens
         hold = min(self.settings.stream_slice_tokens, max_output) if stream else max_output
-        micro = self.settings.prices.estimate(model, prompt.tokens, hold)
+        priced_as = (model, *(m for m in fallbacks if m != model))
+        micro = self.estimate(priced_as, prompt.tokens, hold)
         scopes = self.policy.scopes(principal=caller.principal, team=caller.team, alias=caller.alias)
         result, store = await self._reserve(scopes, prompt.tokens + hold, micro, caller.request_id)
         if isinstance(result, Rejection):
             raise result.error()
         cap = None if stream or isinstance(asked, int) else max_output
-        return Admission(self, store, result, Plan(caller, model, prompt, max_output, hold, cap, stream))
+        return Admission(self, store, result, Plan(caller, model, prompt, max_output, hold, cap, stream, priced_as))
+
+    def estimate(self, models: Sequence[str], input_tokens: int, output_tokens: int) -> int:
+        """Micro-dollars to hold: the dearest of ``models`` for these tokens."""
+        return max(self.settings.prices.estimate(m, input_tokens, output_tokens) for m in models)
 
     def priced(self, *models: str | None) -> str | None:
         """The first of ``models`` the price table knows (or any, with a default price)."""
@@ -256,7 +265,8 @@ class Admission:
         s = self._g.settings
         grow = s.stream_slice_tokens
         try:
-            result = await self._store.top_up(self.reservation, grow, s.prices.estimate(self.model, 0, grow),
+            result = await self._store.top_up(self.reservation, grow,
+                                              self._g.estimate(self.plan.priced_as or (self.model,), 0, grow),
                                               lease_seconds=s.lease_seconds)
         except QuotaUnavailable as e:
             self._g.store_failed("top_up")

@@ -275,3 +275,15 @@ async def test_the_next_slice_is_asked_for_ahead_so_a_stream_never_waits_and_sto
     assert 4_800 <= a.produced <= 5_000  # $0.05 at $10 per 1M output tokens
     with pytest.raises(GatewayError):
         await a.top_up()
+
+
+async def test_a_hold_is_priced_at_the_dearest_target_the_alias_may_fall_back_to(tmp_path: Path) -> None:
+    g = governor(tmp_path)
+    body = {**HELLO, "max_tokens": 100}
+    alone = await admit(g, body, rid="alone")
+    with_claude = await g.admit(body, caller=caller("fallback"), model="gpt-4o", stream=False,
+                                fallbacks=["claude-sonnet-4-5"])
+    assert alone.reservation.micro_usd == 9 * 2.5 + 100 * 10 + 0.5  # gpt-4o's price
+    assert with_claude.reservation.micro_usd == 9 * 3 + 100 * 15  # Claude's, should it answer instead
+    answered = await with_claude.finish(Usage(12, 100, 0), provider="anthropic", model="claude-sonnet-4-5")
+    assert answered.micro_usd <= with_claude.reservation.micro_usd + 3 * 3  # only Claude's longer prompt count
