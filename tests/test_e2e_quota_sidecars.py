@@ -27,7 +27,6 @@ import openai
 import pytest
 
 from extproc.quota.limits import Budget, ScopeLimits
-
 from tests.conftest import KEYS, OPENAI_KEY, providers_for
 from tests.fake_provider import Behaviour, FakeProvider
 from tests.harness import TOLLGATE, Gateway
