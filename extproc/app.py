@@ -23,6 +23,7 @@ from extproc.quota.calendar import zone
 from extproc.quota.governor import Governor
 from extproc.quota.ledger import Ledger, open_ledger
 from extproc.quota.limits import MICROS_PER_USD
+from extproc.quota.prices import DEFAULT_PRICES, PriceTable
 from extproc.quota.memory_store import MemoryQuotaStore
 from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.settings import ANY
@@ -41,6 +42,7 @@ class Gateway:
     metrics: Metrics
     auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
     governor: Governor | None = None  # None without a quota section: nothing is counted or limited
+    prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))  # what answers cost
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
@@ -67,7 +69,18 @@ class Gateway:
         finally:
             self._record(ex)
 
+    def cost_micros(self, ex: Exchange) -> int | None:
+        """What the provider's reported usage cost, at the configured prices; None when unknown or unpriced."""
+        u, model = ex.usage, ex.target_model
+        if u is None or model is None or self.prices.find(model) is None:
+            return None
+        return self.prices.cost(model, u, cache_write_tokens=u.cache_write_tokens)
+
     def _record(self, ex: Exchange) -> None:
+        if ex.admission is None and not ex.cost_usd:  # no quota settlement priced it: price the usage
+            micros = self.cost_micros(ex)
+            if micros:
+                ex.cost_usd = micros / MICROS_PER_USD
         now = time.monotonic()
         self.metrics.observe(ex, now)
         self.access_log.info(access_record(ex, now))
@@ -100,6 +113,7 @@ def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> G
         metrics=metrics,
         auth=build_authenticator(config, env),
         governor=build_governor(config, env, metrics),
+        prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
     )
 
 

@@ -238,6 +238,9 @@ class AttemptExchange:
                 "x-tollgate-output-tokens": str(u.completion_tokens),
                 "x-tollgate-cache": ex.cache,
             }
+            micros = self.gw.cost_micros(ex) if 200 <= self.status < 300 else None
+            if micros is not None:
+                usage_headers["x-tollgate-cost-usd"] = f"{micros / 1_000_000:.6f}"
         return messages.cont("response_body", body=out, set_headers=usage_headers)
 
     def close(self) -> None:

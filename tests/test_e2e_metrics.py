@@ -120,3 +120,14 @@ def test_buffered_answers_carry_their_token_counts_in_headers(gw, fake_openai):
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
     assert (raw.headers["x-tollgate-input-tokens"], raw.headers["x-tollgate-output-tokens"]) == ("21", "4")
     assert raw.headers["x-tollgate-cache"] == "bypass"
+
+
+def test_money_is_priced_from_the_providers_usage(gw, fake_openai):
+    """gpt-4o at the shipped list price: $2.50 in and $10 out per 1M tokens."""
+    client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
+    fake_openai.default = Behaviour(prompt_tokens=1000, completion_tokens=200)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert raw.headers["x-tollgate-cost-usd"] == "0.004500"
+    list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))  # no header, still counted
+    s = settled(gw, "tollgate_cost_usd_total", 0.009)
+    assert abs(value(s, "tollgate_cost_usd_total", alias="gpt-4o", provider="openai") - 0.009) < 1e-9
