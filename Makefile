@@ -20,6 +20,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out tests/bench/results.md
 	$(BIN)/python -m tests.bench.protobuf_parse >> tests/bench/results.md
+	$(BIN)/python -m tests.bench.quota >> tests/bench/results.md
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 

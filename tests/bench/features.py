@@ -23,9 +23,10 @@ from tests.bench.run import (
     stop_process, wrk_script,
 )
 from tests.harness import Gateway
+from tests.quota.redis_process import RedisProcess
 
 
-def variants(fake_port: int, tmp: Path) -> dict[str, tuple[dict[str, Any], str]]:
+def variants(fake_port: int, tmp: Path, redis_url: str) -> dict[str, tuple[dict[str, Any], str]]:
     """name -> (gateway config, the bearer the client sends)."""
     from tests.fake_idp import FakeIdP
 
@@ -46,8 +47,15 @@ def variants(fake_port: int, tmp: Path) -> dict[str, tuple[dict[str, Any], str]]
                  "issuers": [{"issuer": "https://bench.idp", "audience": "tollgate", "jwks_file": str(jwks),
                               "claims": {"teams": "groups"}}]},
     }
+    quota = {
+        "prices": {PLAIN_MODEL: {"input": 2.5, "output": 10}},
+        "limits": {"org": {"usd_per_day": 1_000_000},
+                   "aliases": {"*": {"tokens_per_minute": 1_000_000_000}}},
+    }
     return {
         "base (auth none, metrics on)": (base, CLIENT_KEY),
+        "quotas: embedded store": ({**base, "quota": quota}, CLIENT_KEY),
+        "quotas: Redis on loopback": ({**base, "redis": {"url": redis_url}, "quota": quota}, CLIENT_KEY),
         "auth: jwt (cached token)": (auth, token),
         "metrics off": ({**base, "metrics": {"port": 0}}, CLIENT_KEY),
     }
@@ -65,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tollgate-features-") as name:
         tmp = Path(name)
         fake, port = start_fake(tmp, "plain", [])
+        redis = RedisProcess(tmp / "redis").start()
         gateways: dict[str, tuple[Gateway, Path]] = {}
         try:
             body = chat_body(PLAIN_MODEL, stream=False)
-            for i, (label, (config, bearer)) in enumerate(variants(port, tmp).items()):
+            for i, (label, (config, bearer)) in enumerate(variants(port, tmp, redis.url).items()):
                 d = tmp / f"gw{i}"
                 d.mkdir()
                 gw = Gateway(d, config, env={KEY_ENV: PROVIDER_KEY}).start()
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             for gw, _ in gateways.values():
                 gw.stop()
             stop_process(fake)
+            redis.stop()
     base_label = next(iter(results))
     base_rps = statistics.median(w["rps"] for w in results[base_label])
     lines = [
