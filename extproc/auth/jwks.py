@@ -173,8 +173,10 @@ class StaticJwks:
         return None
 
 
-class FileJwks:
-    """A JWKS file, re-read (at most once a second) when its inode, size or mtime changes."""
+class FileJwks(StaticJwks):
+    """A JWKS file, re-read (at most once a second) when its inode, size or mtime changes.
+
+    Nothing to fetch or start: only ``current`` differs from a fixed key set."""
 
     def __init__(self, path: str, label: str, *, on_change: Callable[[], None] | None = None) -> None:
         self.path = path
@@ -217,18 +219,6 @@ class FileJwks:
         log.info("JWKS %s: re-read %s (%d keys)", self.label, self.path, len(keys))
         if removed and self._on_change:
             self._on_change()
-
-    def may_refresh(self, now: float) -> bool:
-        return False
-
-    async def refresh(self) -> KeySet | None:
-        return self.keys
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 class UrlJwks:
