@@ -24,7 +24,13 @@ from extproc import messages
 from extproc.app import Gateway
 from extproc.errors import Internal
 from extproc.exchange import Exchange
-from extproc.upstream import CHOSEN_HEADER, PREPARED_HEADER, ROUTE_HEADER, parse_target_tag, prepare
+from extproc.upstream import (
+    CHOSEN_HEADER,
+    PREPARED_HEADER,
+    ROUTE_HEADER,
+    parse_target_tag,
+    prepare,
+)
 
 
 class AttemptExchange:

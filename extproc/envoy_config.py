@@ -29,7 +29,13 @@ import yaml
 from extproc.config import Address, GatewayConfig, ModelAlias, Provider
 from extproc.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.server import FILTER_METADATA_KEY
-from extproc.upstream import CHOSEN_HEADER, PREPARED_HEADER, ROUTE_HEADER, TARGET_HEADER, target_tag
+from extproc.upstream import (
+    CHOSEN_HEADER,
+    PREPARED_HEADER,
+    ROUTE_HEADER,
+    TARGET_HEADER,
+    target_tag,
+)
 
 EXTPROC_CLUSTER = "tollgate_extproc"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
