@@ -8,11 +8,13 @@ Shape of what comes out:
   gateway filter sets, with a retry policy that moves to the next target;
 * per alias an aggregate cluster listing one cluster per target in fallback
   order (``previous_priorities`` makes every retry take the next one);
-* the ``attempt`` ext_proc filter as an upstream filter of the router, so each
+* the ``attempt`` ext_proc filter as an upstream filter of the router, skipped
+  for a primary target the ``gateway`` filter has prepared, so each fallback
   attempt is translated and authenticated for its own backend;
 * local replies (Envoy's own errors) in OpenAI's error shape.
 
-No credential is ever part of this config: keys are injected per attempt.
+No credential is ever part of this config: keys are injected per request
+(primary target) or per attempt (fallbacks).
 """
 
 from __future__ import annotations
@@ -24,11 +26,16 @@ from typing import Any
 
 import yaml
 
-from extproc.attempt import HOST_METADATA, REQUEST_ID, target_tag
 from extproc.config import Address, GatewayConfig, ModelAlias, Provider
-from extproc.gateway import ROUTE_HEADER
 from extproc.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.server import FILTER_METADATA_KEY
+from extproc.upstream import (
+    CHOSEN_HEADER,
+    PREPARED_HEADER,
+    ROUTE_HEADER,
+    TARGET_HEADER,
+    target_tag,
+)
 
 EXTPROC_CLUSTER = "tollgate_extproc"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -164,32 +171,16 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
             "failure_mode_allow": False,
             "message_timeout": _ms(cfg.envoy.message_timeout),
             "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
+            # the primary target's request is prepared here (path, host, credential), and every answer read
+            "allow_mode_override": True,
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
+            # the answer is read only for requests that will be routed: the headers stage switches it on,
+            # so Envoy's own early replies (431 for oversized headers) never open a response exchange
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
                 "request_body_mode": "BUFFERED",
                 "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
-    attempt_filter = {
-        "name": "tollgate.attempt",
-        "typed_config": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": _grpc_service("attempt", cfg),
-            "failure_mode_allow": False,
-            "message_timeout": _ms(cfg.envoy.message_timeout),
-            "allow_mode_override": True,
-            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
-            "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
-            "request_attributes": [HOST_METADATA, REQUEST_ID],
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "response_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
                 "response_trailer_mode": "SKIP",
             },
@@ -234,13 +225,7 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
                 "typed_config": {
                     "@type": _T + "envoy.extensions.filters.http.router.v3.Router",
                     "suppress_envoy_headers": True,
-                    "upstream_http_filters": [
-                        attempt_filter,
-                        {
-                            "name": "envoy.filters.http.upstream_codec",
-                            "typed_config": {"@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
-                        },
-                    ],
+                    "upstream_http_filters": _attempt_filters(cfg),
                 },
             },
         ],
@@ -251,6 +236,82 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
         "per_connection_buffer_limit_bytes": cfg.limits.max_request_bytes,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
+
+
+def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
+    """The router's upstream filters, run once per attempt after Envoy chose the target.
+
+    Envoy writes the chosen target (``ALIAS#INDEX``, from the endpoint metadata) into a request
+    header. When that is the primary (``#0``) and the gateway stage prepared it (its own header
+    says so), the ``attempt`` ext_proc filter is skipped: the first attempt costs no second gRPC
+    stream. Any other target gets it and is prepared for itself, so a key is never sent to a host
+    it was not prepared for. Both internal headers are removed before the request leaves.
+    """
+    header_mutation = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+    def named(header: str) -> dict[str, Any]:
+        return {"append": {"header": {"key": header, "value": "%UPSTREAM_METADATA(tollgate:target)%"},
+                           "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+
+    # On the way back the same filter names the target on its answer, for the gateway stage to read. Being
+    # an upstream filter, it marks only what came from a target: Envoy's own replies (no target reachable)
+    # never pass the upstream chain, so they carry no name and pass as they are.
+    choose = {
+        "name": "tollgate.chosen_target",
+        "typed_config": {
+            "@type": header_mutation,
+            "mutations": {"request_mutations": [named(CHOSEN_HEADER)], "response_mutations": [named(TARGET_HEADER)]},
+        },
+    }
+    attempt = {
+        "name": "tollgate.attempt",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": _grpc_service("attempt", cfg),
+            "failure_mode_allow": False,
+            "message_timeout": _ms(cfg.envoy.message_timeout),
+            "allow_mode_override": True,
+            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+    def header_is(name: str, match: dict[str, str]) -> dict[str, Any]:
+        return {"single_predicate": {
+            "input": {"name": name, "typed_config": {
+                "@type": _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": name}},
+            "value_match": match}}
+
+    skip_for_prepared_primary = {
+        "name": "tollgate.attempt_unless_prepared",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": attempt,
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"and_matcher": {"predicate": [
+                    header_is(CHOSEN_HEADER, {"suffix": "#0"}), header_is(PREPARED_HEADER, {"exact": "1"})]}},
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": _T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            }]}},
+        },
+    }
+    unchoose = {
+        "name": "tollgate.internal_headers_removed",
+        "typed_config": {"@type": header_mutation, "mutations": {"request_mutations": [
+            {"remove": CHOSEN_HEADER}, {"remove": PREPARED_HEADER}]}},
+    }
+    codec = {
+        "name": "envoy.filters.http.upstream_codec",
+        "typed_config": {"@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+    }
+    return [choose, skip_for_prepared_primary, unchoose, codec]
 
 
 def _route(alias: ModelAlias) -> dict[str, Any]:

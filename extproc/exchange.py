@@ -1,10 +1,11 @@
 """What the gateway knows about one HTTP exchange, shared by its two filters.
 
 The router-level ("gateway") filter creates an ``Exchange`` when it has read
-the request; each upstream attempt finds it by Envoy's request id, adds what
-it learns (target, status, usage, token timings), and the gateway filter
-writes the access log when its stream ends. Both filters' gRPC streams come to
-this one process, so a dictionary is enough.
+the request, prepares the primary target and reads the answer (target, status,
+usage, token timings); a fallback attempt finds it by Envoy's request id and
+prepares its own target. The exchange is recorded when the last stream holding
+it ends. Both filters' gRPC streams come to this one process, so a dictionary
+is enough.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from extproc.providers.base import Usage
+from extproc.providers.base import Translator, Usage
 
 if TYPE_CHECKING:
     from extproc.quota.governor import Admission
@@ -45,7 +46,10 @@ class Exchange:
     streamed: bool = False  # the answer came as a stream of server-sent events
     answer_complete: bool = False  # a whole answer was read, or its stream ended cleanly ([DONE] / message_stop)
     error: str | None = None
-    holders: int = 1  # the gateway stream, plus each attempt stream while it runs
+    translators: dict[int, Translator] = field(default_factory=dict)  # by target index: each prepared target's
+    raw_body: bytes = b""  # the client's bytes, for a fallback that sends them unchanged
+    body_rewritten: bool = False  # the primary's preparation changed the body Envoy keeps for retries
+    holders: int = 1  # the gateway stream, plus each fallback attempt's stream while it runs
     cache: str = "bypass"  # semantic cache result: hit | miss | bypass
     cost_usd: float = 0.0
     upstream_sent_at: float | None = None  # the latest attempt's request left Tollgate
@@ -90,9 +94,9 @@ class Exchanges:
     def release(self, ex: Exchange) -> bool:
         """Drop one holder; True when that was the last, and the exchange is over.
 
-        The gateway stream can close before the answering attempt has read the
-        response body (Envoy ends it once the response headers pass), so the
-        exchange ends when both are done, whichever is last.
+        The gateway stream reads the answer, so it is normally the last; a
+        fallback attempt's stream may still be closing, so the exchange ends
+        when all are done, whichever is last.
         """
         ex.holders -= 1
         if ex.holders > 0:

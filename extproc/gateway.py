@@ -1,4 +1,4 @@
-"""The router-level exchange: read the request, check it, pick the route.
+"""The router-level exchange: read the request, check it, route it, read the answer.
 
 Envoy sends this filter the request headers and the buffered request body.
 It answers what it can itself (``/v1/models``, every error) with an
@@ -6,11 +6,19 @@ ImmediateResponse, and otherwise sets the internal routing header that selects
 the alias's route (whose cluster lists the alias's targets in fallback order)
 and clears the route cache.
 
+It also prepares the request for the alias's primary target (path, host,
+translated body, the provider's key; ``upstream.prepare``), so Envoy's first
+attempt needs no gRPC stream of its own; only a fallback runs the per-attempt
+stage (attempt.py). And it reads the answer, whichever target gave it
+(answer.py). Response processing is switched on from the headers stage, and
+only for a request that will be routed: Envoy's own early replies (a 431 for
+oversized headers, say) then never wait on this server.
+
 With ``auth.mode: jwt`` the headers stage authenticates the caller first (a
 token seen before costs a hash and a dict lookup; only a token whose issuer
 keys must be fetched makes the stage a coroutine), and the body stage checks
 that the caller's team may use the resolved alias. The client's credentials
-are removed here already, and again by every attempt.
+are removed here already, and again by every preparation of a target.
 
 With quotas on, the body stage then admits the request (``metering.admit``:
 count the prompt, reserve its worst case in every scope in one store call)
@@ -25,14 +33,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 from extproc import messages, metering
+from extproc.answer import Answer, Reply
 from extproc.app import Gateway
 from extproc.auth.identity import Identity
 from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
-from extproc.errors import BadRequest, MethodNotAllowed, NotFound
+from extproc.errors import BadRequest, MethodNotAllowed, NotFound, UpstreamError
 from extproc.exchange import Exchange
 from extproc.requests import check_chat, check_embeddings, parse_json, resolve_alias
+from extproc.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 
-ROUTE_HEADER = "x-tollgate-route"
 INTERNAL_PREFIX = "x-tollgate-"
 
 ENDPOINTS = {
@@ -43,7 +52,7 @@ ENDPOINTS = {
 
 
 class GatewayExchange:
-    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity")
+    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -52,6 +61,7 @@ class GatewayExchange:
         self.exchange: Exchange | None = None
         self.started = time.monotonic()
         self.identity: Identity | None = None
+        self.answer = Answer(gw)
 
     def on_request_headers(
         self, req: messages.ProcessingRequest
@@ -91,7 +101,8 @@ class GatewayExchange:
             raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
         self.endpoint = endpoint
         drop = [k for k in headers if k.startswith(INTERNAL_PREFIX) or k in INBOUND_CREDENTIAL_HEADERS]
-        return messages.cont("request_headers", remove_headers=drop)
+        # This request will be routed: read its answer (see the module docstring).
+        return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
 
     def on_request_body(
         self, req: messages.ProcessingRequest
@@ -111,31 +122,57 @@ class GatewayExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = ex = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")),
-                                      started_at=self.started)
+                                      started_at=self.started, raw_body=req.request_body.body)
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         gw.exchanges.add(ex)  # holds one reference until this stream closes
         if gw.governor is not None:
             return self._admit_then_route(ex)
-        return self._route(alias)
+        return self._route(ex)
 
     async def _admit_then_route(self, ex: Exchange) -> messages.ProcessingResponse:
         gw = self.gw
         assert gw.governor is not None
         models = [t.model for t in gw.config.models[ex.alias].targets]  # counted as the first, held at the dearest
         await metering.admit(gw.governor, gw.metrics, ex, models, gw.spawn)
-        resp = self._route(ex.alias)
+        resp = self._route(ex)
         return resp if isinstance(resp, messages.ProcessingResponse) else await resp
 
-    def _route(self, alias: str) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
-        warming = self.gw.vault.warm_up(self.gw.config.models[alias])  # Azure AD tokens not fetched yet
+    def _route(self, ex: Exchange) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
+        warming = self.gw.vault.warm_up(self.gw.config.models[ex.alias])  # Azure AD tokens not fetched yet
         if warming is not None:
-            return self._route_after(warming, alias)
-        return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
+            return self._route_after(warming, ex)
+        return self._prepare_primary(ex)
 
-    async def _route_after(self, warming: Coroutine[Any, Any, None], alias: str) -> messages.ProcessingResponse:
+    async def _route_after(self, warming: Coroutine[Any, Any, None], ex: Exchange) -> messages.ProcessingResponse:
         await warming
-        return messages.cont("request_body", set_headers={ROUTE_HEADER: alias}, clear_route_cache=True)
+        return self._prepare_primary(ex)
+
+    def _prepare_primary(self, ex: Exchange) -> messages.ProcessingResponse:
+        """Route to the alias, with the request ready for its primary target.
+
+        Without a credential for the primary (an Azure AD token that could not
+        be fetched), the request is routed unprepared: the per-attempt stage
+        then runs for the primary too, answers 502, and Envoy moves on.
+        """
+        try:
+            p = prepare(self.gw, ex, 0)
+        except UpstreamError:
+            return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias}, clear_route_cache=True)
+        ex.attempts = 1
+        ex.body_rewritten = p.body is not None
+        return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias, PREPARED_HEADER: "1", **p.set_headers},
+                             remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
+
+    def on_response_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        if self.exchange is None:
+            return messages.cont("response_headers")
+        return self.answer.on_headers(self.exchange, req)
+
+    def on_response_body(self, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
+        if self.exchange is None:
+            return messages.cont("response_body")
+        return self.answer.on_body(self.exchange, req)
 
     def models_body(self) -> bytes:
         created = 1_700_000_000

@@ -19,6 +19,8 @@ ProcessingResponse = pb.ProcessingResponse
 STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 NONE = processing_mode_pb2.ProcessingMode.NONE
+SEND = processing_mode_pb2.ProcessingMode.SEND
+SKIP = processing_mode_pb2.ProcessingMode.SKIP
 OWN_REPLY_NAMESPACE = "tollgate"  # dynamic metadata the ext_proc filters accept from us
 OWN_REPLY_KEY = "own_reply"
 
@@ -53,8 +55,14 @@ def cont(
     clear_route_cache: bool = False,
     response_body_mode: int | None = None,
     request_body_mode: int | None = None,
+    response_header_mode: int | None = None,
 ) -> pb.ProcessingResponse:
-    """Continue ``phase``, optionally changing headers and the body."""
+    """Continue ``phase``, optionally changing headers and the body.
+
+    Any of the mode arguments sends a ``mode_override`` for the rest of the
+    stream; the response modes left out mean SEND headers and BUFFERED body
+    (a stage that never reads the response passes SKIP and NONE).
+    """
     resp = pb.ProcessingResponse()
     part = getattr(resp, phase)
     part.SetInParent()
@@ -65,11 +73,11 @@ def cont(
             common.body_mutation.body = body
         if clear_route_cache:
             common.clear_route_cache = True
-    if response_body_mode is not None or request_body_mode is not None:
+    if response_body_mode is not None or request_body_mode is not None or response_header_mode is not None:
         # An override replaces the whole mode: fields left out would read as NONE / DEFAULT.
         mode = resp.mode_override
         mode.request_header_mode = processing_mode_pb2.ProcessingMode.SEND
-        mode.response_header_mode = processing_mode_pb2.ProcessingMode.SEND
+        mode.response_header_mode = SEND if response_header_mode is None else response_header_mode
         mode.request_body_mode = BUFFERED if request_body_mode is None else request_body_mode
         mode.response_body_mode = BUFFERED if response_body_mode is None else response_body_mode
         mode.request_trailer_mode = mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP

@@ -2,7 +2,8 @@
 
 The gateway stage calls ``admit`` once the request is parsed and its caller
 known; the hold it gets (an ``Admission``) rides on the exchange, where each
-attempt reads its output cap and ``x-ratelimit-*`` headers and meters a
+preparation of a target reads its output cap (``upstream.prepare``), and the
+answer (``answer.py``) its ``x-ratelimit-*`` headers and the meter of a
 stream. When the last stream holding the exchange closes, ``Gateway.release``
 (app.py) schedules ``settle``, which bills what is known of the answer
 (``outcome_of``) exactly once.

@@ -75,7 +75,10 @@ class Metrics:
             "tollgate_requests", "Requests by outcome, HTTP status class and error type.",
             (*MODEL_LABELS, "outcome", "status_class", "error_type"), registry=r)
         self.fallbacks = Counter(
-            "tollgate_fallback_attempts", "Attempts made on a later target, by why the previous one failed.",
+            "tollgate_fallback_attempts",
+            "Attempts made on a later target, by the provider that failed before. reason is always 'unobserved': "
+            "a failed attempt goes straight to Envoy's retry, so the gateway never sees it (Envoy's per-cluster "
+            "stats, target:<alias>#<index>, count retries, 5xx, timeouts and connect failures).",
             ("alias", "from_provider", "reason"), registry=r)
         self.rejections = Counter(
             "tollgate_quota_rejections",
@@ -91,7 +94,9 @@ class Metrics:
             "tollgate_cache_lookups", "Semantic-cache lookups by result (hit, miss, bypass).",
             ("alias", "result"), registry=r)
         self.upstream_errors = Counter(
-            "tollgate_upstream_errors", "Failed upstream attempts by provider and kind (5xx, 429, 4xx, no_response).",
+            "tollgate_upstream_errors",
+            "Failed answers that reached the gateway, by provider and kind (5xx, 429, no_response: Envoy's own "
+            "5xx after the last target failed). Attempts Envoy retried are not seen here; see its cluster stats.",
             ("provider", "kind"), registry=r)
         self.budget_remaining = Gauge(
             "tollgate_budget_remaining_usd", "Money left in the current budget period, per team.", ("team",),
@@ -199,17 +204,10 @@ class Metrics:
             if team in self._teams:  # a bounded label: configured teams only
                 self.budget_remaining.labels(team).set(micro / MICROS_PER_USD)
 
-    def fallback(self, alias: str, from_provider: str | None, previous_status: int | None) -> None:
-        if previous_status is None or previous_status == 0:
-            reason = "no_response"  # refused, reset or timed out before response headers
-        elif previous_status == 429:
-            reason = "429"
-        elif previous_status >= 500:
-            reason = "5xx"
-        else:
-            reason = f"{previous_status // 100}xx"
+    def fallback(self, alias: str, from_provider: str | None) -> None:
+        """A later target is tried. How the previous one failed is seen by Envoy only (see the metric's help)."""
         if self.enabled:
-            self.fallbacks.labels(self.alias(alias), self.provider(from_provider), reason).inc()
+            self.fallbacks.labels(self.alias(alias), self.provider(from_provider), "unobserved").inc()
 
     def upstream_error(self, provider: str, status: int) -> None:
         kind = "no_response" if not status else "429" if status == 429 else f"{status // 100}xx"

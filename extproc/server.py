@@ -6,7 +6,8 @@ early, that answer followed by an ImmediateResponse: ``messages.cut_stream``). A
 ImmediateResponse here and nowhere else; any other exception is logged and
 answered with a 500 in the same shape, so one broken exchange never touches
 another. Which filter a stream comes from is told by the gRPC metadata Envoy
-sends (``x-tollgate-filter: gateway | attempt``).
+sends (``x-tollgate-filter: gateway | attempt``): every routed request has a
+``gateway`` stream; only a fallback attempt opens an ``attempt`` stream.
 """
 
 from __future__ import annotations

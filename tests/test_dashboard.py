@@ -210,12 +210,17 @@ def test_every_family_a_query_uses_is_in_a_real_scrape(gateway, fake_openai, fak
     list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))  # a stream
     fake_openai.behaviours.append(Behaviour(status=503))  # a fallback from a 503
     assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices[0].message.content
+    # every target fails: the gateway sees the last one's 503 (the upstream-error panel counts what it sees)
+    fake_openai.behaviours.append(Behaviour(status=503))
+    fake_anthropic.behaviours.append(Behaviour(status=503))
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert gw.raw("POST", "/v1/chat/completions", b"{not json")[0] == 400  # a bad request
 
     deadline = time.monotonic() + 5
     while True:
         families = scrape_families(gw.metrics_port)
-        if count(families, "tollgate_requests_total") >= 4 or time.monotonic() > deadline:
+        if count(families, "tollgate_requests_total") >= 5 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
 
@@ -225,7 +230,7 @@ def test_every_family_a_query_uses_is_in_a_real_scrape(gateway, fake_openai, fak
     assert not wrong, f"names Prometheus would not find: {wrong}"
     # and the traffic above gave the main panels something to draw
     for sample, at_least in {
-        "tollgate_requests_total": 4,
+        "tollgate_requests_total": 5,
         "gen_ai_server_request_duration_seconds_count": 3,
         "gen_ai_server_time_to_first_token_seconds_count": 1,
         "gen_ai_server_time_per_output_token_seconds_count": 1,

@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from tests.conftest import ANTHROPIC_KEY, providers_for
+from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, providers_for
 from tests.fake_provider import Behaviour
 from tests.harness import free_port
 
@@ -19,6 +19,8 @@ MESSAGES = [{"role": "user", "content": "Say hello."}]
 def fallback_config(openai_fake, anthropic_fake, **alias_opts) -> dict:
     providers = providers_for(openai_fake, None, anthropic_fake)
     providers["dead"] = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "api_key": {"env": "OPENAI_KEY"}}
+    providers["dead-anthropic"] = {"type": "anthropic", "base_url": f"http://127.0.0.1:{free_port()}",
+                                   "api_key": {"env": "ANTHROPIC_KEY"}}
     return {
         "providers": providers,
         "models": {
@@ -30,6 +32,11 @@ def fallback_config(openai_fake, anthropic_fake, **alias_opts) -> dict:
             },
             "refused-first": {
                 "targets": [{"provider": "dead", "model": "gpt-4o"}, {"provider": "openai", "model": "gpt-4o-mini"}],
+            },
+            "claude-unreachable": {"targets": [{"provider": "dead-anthropic", "model": "claude-haiku-4-5"}]},
+            "gpt-4o-mini": {
+                "targets": [{"provider": "anthropic", "model": "claude-haiku-4-5"},
+                            {"provider": "openai", "model": "gpt-4o-mini"}],
             },
             "three-deep": {
                 "targets": [
@@ -65,6 +72,36 @@ def test_a_5xx_from_the_primary_falls_back_to_the_next_provider(client_for, fake
     sent = fake_anthropic.requests[0]
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == ANTHROPIC_KEY
     assert sent.json["model"] == "claude-sonnet-4-5" and "authorization" not in sent.headers
+
+
+def test_a_fallback_after_a_translated_primary_gets_the_clients_own_bytes_and_only_its_own_key(
+        client_for, fake_openai, fake_anthropic):
+    # Envoy keeps the primary's (Anthropic) request for its retry; the OpenAI fallback needs no change to
+    # the client's body, so it must get the client's bytes back, with none of Anthropic's headers.
+    gw, _ = client_for()
+    fake_anthropic.behaviours.append(Behaviour(status=503))
+    fake_openai.default = Behaviour(reply="GPT here.")
+    body = b'{"model": "gpt-4o-mini",  "messages": [{"role": "user", "content": "Say hello."}]}'
+    status, headers, answer = gw.raw("POST", "/v1/chat/completions", body, headers={"authorization": "Bearer client"})
+    assert status == 200, answer
+    assert headers["x-tollgate-provider"] == "openai" and headers["x-tollgate-attempts"] == "2"
+    primary = fake_anthropic.requests[0]
+    assert primary.headers["x-api-key"] == ANTHROPIC_KEY and "authorization" not in primary.headers
+    assert not any(h.startswith("x-tollgate-") for h in primary.headers)
+    sent = fake_openai.requests[0]
+    assert sent.path == "/v1/chat/completions" and sent.body == body
+    assert sent.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert not {"x-api-key", "anthropic-version"} & set(sent.headers)
+    assert not any(h.startswith("x-tollgate-") for h in sent.headers)
+
+
+def test_envoys_own_answer_when_no_target_answers_is_passed_on_as_it_is(client_for):
+    # no target's translator reads it (Envoy's 503 is already in OpenAI's shape), and it names no provider
+    gw, _ = client_for()
+    status, headers, answer = gw.raw(
+        "POST", "/v1/chat/completions", b'{"model": "claude-unreachable", "messages": [{"role": "user", "content": "hi"}]}')
+    assert status == 503 and b'"code":"upstream_unavailable"' in answer
+    assert headers["x-request-id"] and not any(h.startswith("x-tollgate-") for h in headers)
 
 
 def test_a_primary_that_sends_no_first_byte_in_time_is_failed_over(client_for, fake_openai, fake_anthropic):

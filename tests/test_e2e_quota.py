@@ -240,6 +240,21 @@ def test_a_prompt_over_the_context_window_is_refused_with_its_count(gateway, fak
 # --------------------------------------------------------------------------- reconciliation
 
 
+def test_the_output_cap_reaches_whichever_target_answers(gateway, fake, fake_anthropic):
+    # the primary is prepared by the router-level stage, a fallback by the per-attempt one: both send the cap
+    cfg = config(fake, default_max_tokens=300, limits={"aliases": {"gpt-4o": {"tokens_per_minute": 5000}}})
+    cfg["providers"] = providers_for(fake, None, fake_anthropic)
+    cfg["models"]["gpt-4o"]["targets"].append({"provider": "anthropic", "model": "claude-sonnet-4-5"})
+    gw = gateway(cfg)
+    fake.behaviours.append(Behaviour(status=503))
+    fake_anthropic.default = Behaviour(reply="Claude here.")
+    raw = client(gw).chat.completions.with_raw_response.create(model="gpt-4o", messages=ASK)
+    assert raw.headers["x-tollgate-provider"] == "anthropic"
+    assert raw.headers["x-ratelimit-limit-tokens"] == "5000"
+    assert fake.requests[0].json["max_completion_tokens"] == 300
+    assert fake_anthropic.requests[0].json["max_tokens"] == 300
+
+
 def test_a_plain_call_holds_its_worst_case_while_it_runs_then_pays_what_it_used(gateway, fake, redis):
     fake.default = Behaviour(reply=words(30), first_token_delay=0.6)
     gw = gateway(config(fake, redis, default_max_tokens=1000, limits={"org": {"usd_per_day": 1}}))

@@ -51,7 +51,11 @@ def test_the_rendered_config_fails_closed_and_lets_long_streams_finish():
     listener = boot["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     gateway_filter = hcm["http_filters"][0]["typed_config"]
-    attempt_filter = hcm["http_filters"][1]["typed_config"]["upstream_http_filters"][0]["typed_config"]
+    upstream_filters = hcm["http_filters"][1]["typed_config"]["upstream_http_filters"]
+    assert [f["name"] for f in upstream_filters] == [
+        "tollgate.chosen_target", "tollgate.attempt_unless_prepared", "tollgate.internal_headers_removed",
+        "envoy.filters.http.upstream_codec"]
+    attempt_filter = upstream_filters[1]["typed_config"]["extension_config"]["typed_config"]
     for f in (gateway_filter, attempt_filter):
         assert f["failure_mode_allow"] is False
         assert f["message_timeout"] == "1.000s"

@@ -1,0 +1,86 @@
+"""What one target of an alias needs sent to it: path, host, body and credential.
+
+The router-level stage prepares the primary target (index 0) itself, so Envoy's
+first attempt needs no second gRPC stream; the per-attempt stage prepares any
+other target Envoy picks (a fallback), from the same parsed request. Both keep
+the target's translator on the exchange, where the router-level stage finds
+it again to read the answer.
+
+Targets are named ``ALIAS#INDEX``: in the endpoint metadata of each target's
+cluster (``tollgate.target``), in the request header Envoy writes for each
+attempt (``x-tollgate-chosen``), and in the response header that names the
+target that answered (``x-tollgate-target``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from extproc.app import Gateway
+from extproc.config import Provider
+from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
+from extproc.exchange import Exchange
+from extproc.providers.registry import make_translator
+
+ROUTE_HEADER = "x-tollgate-route"  # request: which alias's route (set by the router-level stage)
+PREPARED_HEADER = "x-tollgate-prepared"  # request: the primary target's request is ready as it is
+CHOSEN_HEADER = "x-tollgate-chosen"  # request, per attempt: the target Envoy picked (from its metadata)
+TARGET_HEADER = "x-tollgate-target"  # response: the target that answered (from its metadata)
+
+# Headers a provider must not see from the client: credentials, and encodings we could not read.
+# A fallback removes them too, which also drops the primary's credential from the retried request.
+_DROP = (*INBOUND_CREDENTIAL_HEADERS, "accept-encoding", "anthropic-version", "anthropic-beta")
+
+
+def target_tag(alias: str, index: int) -> str:
+    return f"{alias}#{index}"
+
+
+def parse_target_tag(tag: str) -> tuple[str, int] | None:
+    alias, sep, index = tag.rpartition("#")
+    if not sep or not alias or not index.isdigit():
+        return None
+    return alias, int(index)
+
+
+def cap_field(provider: Provider) -> str:
+    """Where this backend reads the output cap: ``max_tokens`` is refused by OpenAI's reasoning models,
+    ``max_completion_tokens`` unknown to Azure API versions before 2024-09-01 (Anthropic reads either)."""
+    if provider.type == "azure_openai" and (provider.api_version or "") < "2024-09-01":
+        return "max_tokens"
+    return "max_completion_tokens"
+
+
+@dataclass(slots=True)
+class Prepared:
+    set_headers: dict[str, str]
+    remove_headers: list[str]
+    body: bytes | None  # None: the client's bytes go as they are
+
+
+def prepare(gw: Gateway, ex: Exchange, index: int) -> Prepared:
+    """Translate and authenticate ``ex`` for target ``index`` of its alias, and make it the current attempt.
+
+    With quotas on, the admission's output cap goes into the body (a non-streamed
+    request without one). Raises ``UpstreamError`` when the target's credential
+    is not available.
+    """
+    _alias, target, provider = gw.config.target(ex.alias, index)
+    auth = gw.vault.headers(provider)
+    translator = make_translator(provider, target, ex.endpoint)
+    body = ex.body
+    cap = ex.admission.output_cap if ex.admission is not None else None
+    if cap is not None:
+        body = {**body, cap_field(provider): cap}
+    up = translator.request(body, b"")
+    if up.body is None and body is not ex.body:  # the translator keeps it as is, but it is not the client's
+        up.body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    set_headers = {":path": up.path, ":authority": provider.authority, **up.headers, **auth}
+    if up.body is not None:
+        set_headers["content-length"] = str(len(up.body))
+    ex.translators[index] = translator
+    ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, None
+    ex.upstream_sent_at = time.monotonic()
+    return Prepared(set_headers, [h for h in _DROP if h not in set_headers], up.body)
