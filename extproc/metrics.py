@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from extproc.config import Address, GatewayConfig
+from extproc.envoy_stats import FallbackReasons
 from extproc.exchange import Exchange
 from extproc.quota.limits import MICROS_PER_USD, LimitState
 
@@ -48,6 +49,8 @@ class Metrics:
         self._providers = frozenset(cfg.providers)
         self._models = frozenset(t.model for a in cfg.models.values() for t in a.targets)
         self._teams = frozenset(teams)
+        if self.enabled:
+            self.registry.register(FallbackReasons(cfg))  # why attempts failed over: Envoy's own counts
         self._team_label = team_label
         r = self.registry
         self.ttft = Histogram(
@@ -77,8 +80,8 @@ class Metrics:
         self.fallbacks = Counter(
             "tollgate_fallback_attempts",
             "Attempts made on a later target, by the provider that failed before. reason is always 'unobserved': "
-            "a failed attempt goes straight to Envoy's retry, so the gateway never sees it (Envoy's per-cluster "
-            "stats, target:<alias>#<index>, count retries, 5xx, timeouts and connect failures).",
+            "a failed attempt goes straight to Envoy's retry, so the gateway never sees it; "
+            "tollgate_fallback_reasons_total has why, from Envoy's own counts.",
             ("alias", "from_provider", "reason"), registry=r)
         self.rejections = Counter(
             "tollgate_quota_rejections",

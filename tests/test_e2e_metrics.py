@@ -97,6 +97,12 @@ def test_a_fallback_increments_the_fallback_and_upstream_error_metrics(gw, fake_
                  reason="unobserved") == 1
     assert value(s, "tollgate_upstream_errors_total", provider="openai", kind="5xx") == 0
     assert value(s, "tollgate_requests_total", provider="anthropic", outcome="success") == 1
+    # why, Envoy counted: read from its cluster stats when Prometheus scrapes
+    fake_openai.behaviours.append(Behaviour(status=429))
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    s = settled(gw, "tollgate_fallback_reasons_total", 2)
+    assert value(s, "tollgate_fallback_reasons_total", alias="gpt-4o", reason="5xx") == 1
+    assert value(s, "tollgate_fallback_reasons_total", alias="gpt-4o", reason="429") == 1
 
 
 def test_refused_requests_are_counted_without_unbounded_labels(gw):
