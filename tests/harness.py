@@ -46,9 +46,16 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
-def wait_ready(admin_port: int, timeout: float = 30.0) -> None:
+class StartFailed(RuntimeError):
+    """A process of the gateway exited while starting."""
+
+
+def wait_ready(admin_port: int, timeout: float = 30.0, watch: tuple[subprocess.Popen[bytes] | None, ...] = ()) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for p in watch:
+            if p is not None and p.poll() is not None:
+                raise StartFailed(f"{p.args[0]} exited with code {p.returncode} while starting")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5) as r:
                 if r.status == 200:
@@ -58,23 +65,18 @@ def wait_ready(admin_port: int, timeout: float = 30.0) -> None:
     raise TimeoutError("envoy did not become ready")
 
 
+# A port picked free can be taken by another process before the gateway binds it: start again on new ones.
+_PORT_TAKEN = ("already in use", "address in use", "cannot listen", "cannot bind", "failed to bind")
+
+
 class Gateway:
     """One gateway under test. ``config`` is the gateway YAML as a dict, minus the ports."""
 
     def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, split: bool = False):
         self.tmp = tmp
-        self.port, self.extproc_port, self.admin_port, self.metrics_port = (free_port() for _ in range(4))
-        config = dict(config)
-        sock = config.pop("extproc_unix_socket", None)  # test knob: serve ext_proc on a unix socket
-        self.config = {
-            **config,
-            "listen": {"host": "127.0.0.1", "port": self.port},
-            "extproc": {"unix_socket": sock} if sock else {"host": "127.0.0.1", "port": self.extproc_port},
-            "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
-            "envoy": {**config.get("envoy", {}), "admin": {"host": "127.0.0.1", "port": self.admin_port}},
-        }
+        self.given = dict(config)
         self.config_path = tmp / "tollgate.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
+        self._assign_ports()
         self.env = {**os.environ, "TOLLGATE_NO_UVLOOP": "", **(env or {})}
         self.split = split
         self.runtime = tmp / "runtime"
@@ -83,11 +85,39 @@ class Gateway:
         self.proc: subprocess.Popen[bytes] | None = None  # tollgate run / tollgate extproc
         self.envoy: subprocess.Popen[bytes] | None = None  # only when split
 
+    def _assign_ports(self) -> None:
+        self.port, self.extproc_port, self.admin_port, self.metrics_port = (free_port() for _ in range(4))
+        config = dict(self.given)
+        sock = config.pop("extproc_unix_socket", None)  # test knob: serve ext_proc on a unix socket
+        self.config = {
+            **config,
+            "listen": {"host": "127.0.0.1", "port": self.port},
+            "extproc": {"unix_socket": sock} if sock else {"host": "127.0.0.1", "port": self.extproc_port},
+            "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
+            "envoy": {**config.get("envoy", {}), "admin": {"host": "127.0.0.1", "port": self.admin_port}},
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> Gateway:
+        for attempt in range(3):
+            try:
+                return self._start()
+            except StartFailed as e:
+                log = (self.log() + self.envoy_log()).lower()
+                self.stop()
+                if attempt == 2 or not any(t in log for t in _PORT_TAKEN):
+                    raise StartFailed(f"{e}:\n{(self.log() + self.envoy_log())[-3000:]}") from None
+                self._assign_ports()
+        raise AssertionError("unreachable")
+
+    def envoy_log(self) -> str:
+        return self.envoy_log_path.read_text(errors="replace") if self.envoy_log_path.exists() else ""
+
+    def _start(self) -> Gateway:
         self.runtime.mkdir(exist_ok=True)
         if self.split:
             rendered = self.tmp / "envoy.yaml"
@@ -102,13 +132,13 @@ class Gateway:
                 [ENVOY, "-c", str(rendered), "--disable-hot-restart", "--concurrency", "2", "-l", "warning"],
                 stdout=self.envoy_log_path.open("ab"), stderr=subprocess.STDOUT,
             )
-            wait_ready(self.admin_port)
+            wait_ready(self.admin_port, watch=(self.proc, self.envoy))
         else:
             self.proc = subprocess.Popen(
                 [TOLLGATE, "run", "--config", str(self.config_path), "--runtime-dir", str(self.runtime), "--grace", "5"],
                 stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=self.env,
             )
-            wait_ready(self.admin_port)
+            wait_ready(self.admin_port, watch=(self.proc,))
         wait_port(self.port)
         return self
 
