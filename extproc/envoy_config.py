@@ -42,6 +42,23 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _T = "type.googleapis.com/"
 _MANY = 1_000_000  # circuit-breaker ceilings: concurrency is governed by quotas, not by Envoy
 
+# Connection-manager settings of the listener: HTTP/1.1 and h2c from clients, Envoy's own request ids,
+# no whole-request timeout (long generations), a generous idle timeout for streams.
+HCM_SETTINGS: dict[str, Any] = {
+    "codec_type": "AUTO",
+    "use_remote_address": True,
+    "generate_request_id": True,
+    "preserve_external_request_id": False,
+    "always_set_request_id_in_response": True,
+    "normalize_path": True,
+    "merge_slashes": True,
+    "request_timeout": "0s",
+    "request_headers_timeout": "10s",
+    "stream_idle_timeout": "600s",
+    "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST"},
+    "http2_protocol_options": {"max_concurrent_streams": 1024},
+}
+
 
 def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str = CA_BUNDLE) -> dict[str, Any]:
     """The bootstrap as a plain dict (dump it as YAML or JSON)."""
@@ -162,20 +179,19 @@ def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
     }
 
 
-def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
-    gateway_filter = {
-        "name": "tollgate.gateway",
+def ext_proc_filter(name: str, role: str, cfg: GatewayConfig) -> dict[str, Any]:
+    """An ext_proc filter talking to the Tollgate server as ``role``; both filters share this setup:
+    fail closed, request headers and the buffered body, answers only when a stage switches them on."""
+    return {
+        "name": name,
         "typed_config": {
             "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": _grpc_service("gateway", cfg),
+            "grpc_service": _grpc_service(role, cfg),
             "failure_mode_allow": False,
             "message_timeout": _ms(cfg.envoy.message_timeout),
-            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
-            # the primary target's request is prepared here (path, host, credential), and every answer read
             "allow_mode_override": True,
+            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
             "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
-            # the answer is read only for requests that will be routed: the headers stage switches it on,
-            # so Envoy's own early replies (431 for oversized headers) never open a response exchange
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
@@ -186,21 +202,17 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
             },
         },
     }
+
+
+def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    # the primary target's request is prepared here (path, host, credential), and every answer read; the
+    # answer is read only for requests that will be routed (the headers stage switches it on), so Envoy's
+    # own early replies (431 for oversized headers) never open a response exchange
+    gateway_filter = ext_proc_filter("tollgate.gateway", "gateway", cfg)
     hcm = {
         "@type": _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "tollgate",
-        "codec_type": "AUTO",
-        "use_remote_address": True,
-        "generate_request_id": True,
-        "preserve_external_request_id": False,
-        "always_set_request_id_in_response": True,
-        "normalize_path": True,
-        "merge_slashes": True,
-        "request_timeout": "0s",
-        "request_headers_timeout": "10s",
-        "stream_idle_timeout": "600s",
-        "common_http_protocol_options": {"idle_timeout": "300s", "headers_with_underscores_action": "REJECT_REQUEST"},
-        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        **HCM_SETTINGS,
         "internal_address_config": {"cidr_ranges": []},
         # A client-chosen x-request-id is dropped before Envoy assigns its own, so two exchanges can never
         # share an id (the ext_proc server keys its exchanges by it).
@@ -262,26 +274,7 @@ def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
             "mutations": {"request_mutations": [named(CHOSEN_HEADER)], "response_mutations": [named(TARGET_HEADER)]},
         },
     }
-    attempt = {
-        "name": "tollgate.attempt",
-        "typed_config": {
-            "@type": _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": _grpc_service("attempt", cfg),
-            "failure_mode_allow": False,
-            "message_timeout": _ms(cfg.envoy.message_timeout),
-            "allow_mode_override": True,
-            "metadata_options": {"receiving_namespaces": {"untyped": [OWN_REPLY_NAMESPACE]}},
-            "mutation_rules": {"allow_all_routing": True, "allow_envoy": False},
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "BUFFERED",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
+    attempt = ext_proc_filter("tollgate.attempt", "attempt", cfg)
 
     def header_is(name: str, match: dict[str, str]) -> dict[str, Any]:
         return {"single_predicate": {
@@ -356,7 +349,7 @@ def _aggregate_cluster(alias: ModelAlias) -> dict[str, Any]:
         "name": _aggregate_name(alias),
         "connect_timeout": "5s",
         "lb_policy": "CLUSTER_PROVIDED",
-        "circuit_breakers": _breakers(),
+        "circuit_breakers": circuit_breakers(),
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
             "typed_config": {
@@ -367,7 +360,7 @@ def _aggregate_cluster(alias: ModelAlias) -> dict[str, Any]:
     }
 
 
-def _breakers() -> dict[str, Any]:
+def circuit_breakers() -> dict[str, Any]:
     limits = {k: _MANY for k in ("max_connections", "max_pending_requests", "max_requests", "max_retries")}
     return {"thresholds": [{"priority": "DEFAULT", **limits}]}
 
@@ -400,7 +393,7 @@ def _target_cluster(
         "name": name,
         "type": kind,
         "connect_timeout": _ms(p.connect_timeout),
-        "circuit_breakers": _breakers(),
+        "circuit_breakers": circuit_breakers(),
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -435,7 +428,7 @@ def _extproc_cluster(a: Address) -> dict[str, Any]:
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "circuit_breakers": _breakers(),
+        "circuit_breakers": circuit_breakers(),
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

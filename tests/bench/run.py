@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Limits
+from extproc.envoy_config import HCM_SETTINGS, circuit_breakers
 from tests.harness import ENVOY, Gateway, free_port, wait_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,27 +179,13 @@ def plain_envoy_bootstrap(admin_port: int, routes: list[tuple[str, int, int]]) -
     a catch-all route to its one upstream. Limits and timeouts follow the rendered gateway
     config (extproc/envoy_config.py) so that only the ext_proc filters differ."""
     t = "type.googleapis.com/"
-    many = 1_000_000
-    breakers = {"thresholds": [{"priority": "DEFAULT", "max_connections": many, "max_pending_requests": many,
-                                "max_requests": many, "max_retries": many}]}
+    breakers = circuit_breakers()
     listeners, clusters = [], []
     for name, listen, upstream in routes:
         hcm = {
             "@type": t + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": name,
-            "codec_type": "AUTO",
-            "use_remote_address": True,
-            "generate_request_id": True,
-            "preserve_external_request_id": False,
-            "always_set_request_id_in_response": True,
-            "normalize_path": True,
-            "merge_slashes": True,
-            "request_timeout": "0s",
-            "request_headers_timeout": "10s",
-            "stream_idle_timeout": "600s",
-            "common_http_protocol_options": {"idle_timeout": "300s",
-                                             "headers_with_underscores_action": "REJECT_REQUEST"},
-            "http2_protocol_options": {"max_concurrent_streams": 1024},
+            **HCM_SETTINGS,  # the gateway's own connection-manager settings: only the ext_proc filters differ
             "route_config": {
                 "name": name,
                 "virtual_hosts": [{
