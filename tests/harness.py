@@ -7,6 +7,7 @@ from ``tollgate render-envoy``) as real processes, and stops them afterwards.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -60,7 +61,7 @@ def wait_ready(admin_port: int, timeout: float = 30.0, watch: tuple[subprocess.P
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5) as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet, or someone else's server on that port
             time.sleep(0.05)
     raise TimeoutError("envoy did not become ready")
 
@@ -86,7 +87,11 @@ class Gateway:
         self.envoy: subprocess.Popen[bytes] | None = None  # only when split
 
     def _assign_ports(self) -> None:
-        self.port, self.extproc_port, self.admin_port, self.metrics_port = (free_port() for _ in range(4))
+        ports: list[int] = []
+        while len(ports) < 4:  # four different ones: two quick picks can return the same free port
+            if (p := free_port()) not in ports:
+                ports.append(p)
+        self.port, self.extproc_port, self.admin_port, self.metrics_port = ports
         config = dict(self.given)
         sock = config.pop("extproc_unix_socket", None)  # test knob: serve ext_proc on a unix socket
         self.config = {
