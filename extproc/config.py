@@ -280,7 +280,10 @@ class _Builder:
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path)
+            if parent == path:  # a top-level key has no parent to fall back to
+                return None
+            path = parent
         return None
 
     def mapping(self, v: Any, path: str, allowed: set[str]) -> dict[str, Any]:
@@ -390,7 +393,7 @@ class _Builder:
         )
 
     def providers(self, v: Any) -> dict[str, Provider | None]:
-        m = self.mapping(v, "providers", set(v or {}))
+        m = self.mapping(v, "providers", set(v) if isinstance(v, dict) else set())
         if not m:
             raise self.fail("providers", "at least one provider is required")
         out: dict[str, Provider | None] = {}
@@ -491,7 +494,7 @@ class _Builder:
                      for i, x in enumerate(items))
 
     def models(self, v: Any, providers: dict[str, Provider | None]) -> dict[str, ModelAlias]:
-        m = self.mapping(v, "models", set(v or {}))
+        m = self.mapping(v, "models", set(v) if isinstance(v, dict) else set())
         out: dict[str, ModelAlias] = {}
         for name, spec in m.items():
             alias = self.alias(str(name), spec, f"models.{name}", providers)

@@ -163,7 +163,7 @@ def parse_price(spec: Any, where: str) -> Price:
         if key not in fields:
             raise ValueError(f"{where}.{key}: unknown key (allowed: {', '.join(fields)})")
     for key in ("input", "output"):
-        if key not in spec:
+        if spec.get(key) is None:
             raise ValueError(f"{where}.{key}: is required (USD per 1M tokens)")
     values = {k: _usd(spec[k], f"{where}.{k}") for k in fields if spec.get(k) is not None}
     return Price(values["input"], values["output"], values.get("cached_input"), values.get("cache_write"))
