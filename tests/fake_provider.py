@@ -94,6 +94,13 @@ class Behaviour:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     headers: dict[str, str] | None = None
+    # A broken provider: ``raw_body`` is sent as it is (with ``content_type``, JSON by default) instead of an
+    # answer; with ``byte_delay`` every byte of it (or of the normal answer) goes out alone, that many seconds
+    # apart. ``error_message`` replaces the message of an error, whether answered or sent as a stream event.
+    raw_body: bytes | None = None
+    content_type: str | None = None
+    byte_delay: float = 0.0
+    error_message: str | None = None
 
 
 @dataclass
@@ -572,10 +579,12 @@ class FakeProvider:
         behaviour = self._next_behaviour()
         if behaviour.header_delay > 0:
             await asyncio.sleep(behaviour.header_delay)
+        if behaviour.raw_body is not None:
+            return await self._raw(request, behaviour, behaviour.raw_body)
         if behaviour.status >= 400:
             body = behaviour.error_body
             if body is None:
-                body = default_error_body(self.kind, behaviour.status)
+                body = default_error_body(self.kind, behaviour.status, behaviour.error_message)
             return self._json_response(behaviour.status, body, behaviour.headers)
 
         if endpoint == "embeddings":
@@ -583,6 +592,23 @@ class FakeProvider:
         if endpoint == "messages":
             return await self._anthropic_messages(request, behaviour, parsed)
         return await self._openai_chat(request, behaviour, parsed, deployment)
+
+    async def _raw(self, request: web.Request, b: Behaviour, body: bytes) -> web.StreamResponse:
+        """Send ``body`` as it is; with ``byte_delay``, one byte at a time."""
+        headers = {**self._base_headers(), "Content-Type": b.content_type or _JSON_CT, **(b.headers or {})}
+        if b.byte_delay <= 0:
+            return web.Response(status=b.status, body=body, headers=headers)
+        headers["Content-Length"] = str(len(body))
+        resp = web.StreamResponse(status=b.status, headers=headers)
+        try:
+            await resp.prepare(request)
+            for i in range(len(body)):
+                await resp.write(body[i:i + 1])
+                await asyncio.sleep(b.byte_delay)
+            await resp.write_eof()
+        except ConnectionError:  # the gateway gave up on us
+            pass
+        return resp
 
     # -- validation --------------------------------------------------------
 
@@ -845,7 +871,7 @@ class FakeProvider:
                 "model": model, "system_fingerprint": "fp_fake", "choices": [],
                 "usage": usage,
             }))
-        error_event = _data_event(default_error_body("openai", 500))
+        error_event = _data_event(default_error_body("openai", 500, b.error_message))
         return await self._stream(
             request, b, preamble=[first], content=content, epilogue=epilogue,
             terminator=[b"data: [DONE]\n\n"], error_event=error_event,
@@ -935,7 +961,7 @@ class FakeProvider:
                                            "usage": {"output_tokens": completion}}),
         ]
         error_event = _named_event("error", {"type": "error", "error": {
-            "type": "overloaded_error", "message": "Overloaded"}})
+            "type": "overloaded_error", "message": b.error_message or "Overloaded"}})
         return await self._stream(
             request, b, preamble=preamble, content=content, epilogue=epilogue,
             terminator=[_named_event("message_stop", {"type": "message_stop"})],

@@ -26,7 +26,8 @@ from typing import Any, TypeAlias
 
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
-from extproc.errors import GatewayError, QuotaExceeded
+from extproc.credentials.scrub import Scrubber
+from extproc.errors import GatewayError, QuotaExceeded, UpstreamError
 from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
@@ -37,7 +38,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -45,6 +46,8 @@ class Answer:
         self.streaming = False
         self.status = 0
         self.cut = False  # a refused top-up ended this stream; later chunks are counted, not sent
+        self.scrub = Scrubber(())  # the exchange's injected credentials, taken out of everything passed on
+        self.invalid: str | None = None  # why a 2xx answer cannot be passed on (known from its headers)
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -64,9 +67,15 @@ class Answer:
             return messages.cont("response_headers", set_headers=out, remove_headers=[TARGET_HEADER])
         _alias, target, provider = self.gw.config.target(ex.alias, tag[1])
         self.translator = translator
+        self.scrub = Scrubber(ex.secrets)
         ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, status
         if status >= 500 or status == 429:
             self.gw.metrics.upstream_error(provider.name, status)
+        if 200 <= status < 300:
+            self.invalid = _unreadable(ex, headers, req.response_headers.end_of_stream)
+            if self.invalid is not None and req.response_headers.end_of_stream:
+                raise self._invalid(ex, provider.name)
+        out.update(self.scrub.headers(headers))
         out.update({
             "x-tollgate-provider": provider.name,
             "x-tollgate-model": target.model,
@@ -76,8 +85,7 @@ class Answer:
         mode = None
         if not req.response_headers.end_of_stream:
             remove.append("content-length")
-            self.streaming = ex.stream and status == 200 and headers.get("content-type", "").startswith(
-                "text/event-stream")
+            self.streaming = ex.stream and self.invalid is None and status == 200
             if self.streaming:
                 ex.streamed = True
                 if ex.admission is not None:
@@ -102,7 +110,7 @@ class Answer:
 
     def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
         before = tr.progress.first_content
-        out = tr.stream_chunk(body.body, body.end_of_stream)
+        out = self._scrubbed_chunk(body.body, tr.stream_chunk(body.body, body.end_of_stream))
         if tr.progress.first_content:
             now = time.monotonic()
             if not before:
@@ -152,8 +160,38 @@ class Answer:
         tail = sse.error_event(f"{err.message}; the stream was ended here", err.type, err.code)
         return messages.cut_stream(chunk + tail, err.status)
 
+    def _scrubbed_chunk(self, raw: bytes, out: bytes | None) -> bytes | None:
+        """Translators pass on whole events only, so a credential cannot straddle two chunks."""
+        if not self.scrub:
+            return out
+        data = raw if out is None else out
+        clean = self.scrub.exact(data)
+        if b'"error"' in clean:
+            clean = self.scrub.body(clean)
+        return out if clean is data else clean
+
+    def _invalid(self, ex: Exchange, provider: str) -> UpstreamError:
+        """A 2xx the gateway cannot read becomes a 502: billed as a failed answer (nothing), counted as one."""
+        ex.last_attempt_status = 502
+        ex.error = "invalid_upstream_response"
+        self.gw.metrics.upstream_error(provider, 502)
+        return UpstreamError(f"upstream {provider} answered {self.invalid}", code="invalid_upstream_response")
+
     def _whole(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> messages.ProcessingResponse:
-        out = tr.response(self.status, body.body)
+        ok = 200 <= self.status < 300
+        if ok and self.invalid is not None:
+            raise self._invalid(ex, ex.provider or "?")
+        try:
+            out = tr.response(self.status, body.body)
+        except UpstreamError:
+            if ok:
+                ex.last_attempt_status = 502
+                self.gw.metrics.upstream_error(ex.provider or "?", 502)
+            raise
+        if self.scrub:
+            data = body.body if out is None else out
+            clean = self.scrub.exact(data) if ok else self.scrub.body(data)
+            out = out if clean is data else clean
         if tr.response_model:
             ex.response_model = tr.response_model
         if 200 <= self.status < 300:
@@ -174,3 +212,17 @@ class Answer:
             if micros is not None:
                 usage_headers["x-tollgate-cost-usd"] = f"{micros / 1_000_000:.6f}"
         return messages.cont("response_body", body=out, set_headers=usage_headers)
+
+
+def _unreadable(ex: Exchange, headers: dict[str, str], empty: bool) -> str | None:
+    """Why a 2xx answer cannot be what the client asked for, judged by its headers; None when it may be."""
+    ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if empty:
+        return "an empty body"
+    if ex.stream:
+        if ctype != "text/event-stream":
+            return f"a stream request with {ctype or 'no content-type'} instead of an event stream"
+        return None
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        return f"with content-type {ctype or '(none)'} instead of JSON"
+    return None

@@ -56,6 +56,7 @@ class Exchange:
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers
     failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
     response_seconds: float = 0.0  # Python time spent on response messages
+    secrets: list[str] = field(default_factory=list)  # every credential injected for it, scrubbed from answers
 
     def tpot(self) -> float | None:
         """Seconds per output token after the first; streams only."""

@@ -34,6 +34,9 @@ TARGET_HEADER = "x-tollgate-target"  # response: the target that answered (from 
 _DROP = (*INBOUND_CREDENTIAL_HEADERS, "accept-encoding", "anthropic-version", "anthropic-beta")
 
 
+_SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
+
+
 def target_tag(alias: str, index: int) -> str:
     return f"{alias}#{index}"
 
@@ -81,6 +84,7 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     if up.body is not None:
         set_headers["content-length"] = str(len(up.body))
     ex.translators[index] = translator
+    ex.secrets.extend(v.removeprefix("Bearer ") for k, v in auth.items() if k in _SECRET_HEADERS)
     ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, None
     ex.upstream_sent_at = time.monotonic()
     return Prepared(set_headers, [h for h in _DROP if h not in set_headers], up.body)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from extproc.config import Provider, Target
-from extproc.errors import BadRequest, error_body
+from extproc.errors import BadRequest, UpstreamError, error_body
 from extproc.providers import sse
 from extproc.providers.base import StreamProgress, UpstreamRequest, Usage
 
@@ -30,6 +30,11 @@ def usage_from(obj: dict) -> Usage | None:
         completion_tokens=int(u.get("completion_tokens") or 0),
         cached_tokens=int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
     )
+
+
+def invalid_answer(provider: Provider, what: str) -> UpstreamError:
+    """A 2xx answer the gateway cannot read: a 502, never passed on as a success."""
+    return UpstreamError(f"upstream {provider.name} answered {what}", code="invalid_upstream_response")
 
 
 def _has_usage(data: str) -> bool:
@@ -49,6 +54,7 @@ class OpenAITranslator:
         self.response_model: str | None = None
         self._parser: sse.SSEParser | None = None
         self._strip_usage = False
+        self._closed = False  # the stream broke: nothing after that reaches the client
 
     # -- request
     def path(self) -> str:
@@ -75,43 +81,73 @@ class OpenAITranslator:
         except ValueError:
             obj = None
         if 200 <= status < 300:
-            if isinstance(obj, dict):
-                self.usage = usage_from(obj)
-                model = obj.get("model")
-                self.response_model = model if isinstance(model, str) else None
+            expected = "choices" if self.endpoint == "chat" else "data"
+            if not isinstance(obj, dict) or not isinstance(obj.get(expected), list):
+                raise invalid_answer(self.provider, f"HTTP {status} with a body that is not an OpenAI {self.endpoint} "
+                                     "answer (not JSON, cut short, or without " + expected + ")")
+            self.usage = usage_from(obj)
+            model = obj.get("model")
+            self.response_model = model if isinstance(model, str) else None
             return None
         if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-            return None  # already OpenAI's error shape
+            return None  # already OpenAI's error shape (the answer stage scrubs it)
         return error_body(f"upstream {self.provider.name} answered HTTP {status}", "api_error", "upstream_error")
 
     # -- streams
     def stream_chunk(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+        """Pass complete events on; a partial one is held until its end arrives.
+
+        When the chunk ends on an event boundary and nothing was held (the
+        usual case: providers flush whole events), the bytes pass unchanged
+        (``None``); otherwise the complete events are written out again. So
+        what reaches the client is always whole events, which is what lets a
+        credential echoed in an error event be found, and a cut never leave
+        half an event behind. A data line that is not JSON ends the stream
+        with an error event: the provider is not speaking this protocol.
+        """
+        if self._closed:
+            return b""
         parser = self._parser or self._new_parser()
-        out: list[bytes] | None = [] if self._strip_usage else None
-        for ev in parser.feed(chunk):
+        rebuild = self._strip_usage or parser.pending
+        events = parser.feed(chunk)
+        rebuild = rebuild or parser.pending
+        out: list[bytes] = []
+        for i, ev in enumerate(events):
             keep = self._event(ev)
-            if out is not None and keep:
+            if keep is None:  # not an OpenAI event
+                if not rebuild:
+                    out = [sse.encode(e.data, e.event) for e in events[:i]]
+                rebuild = True
+                out.append(self._broken("sent a stream event that is not JSON"))
+                break
+            if rebuild and keep:
                 out.append(sse.encode(ev.data, ev.event))
         tail = b""
         if end_of_stream and not self.progress.done and not self.progress.failed:
-            self.progress.failed = True
-            tail = sse.error_event(f"upstream {self.provider.name} ended the stream before it was complete")
-        if out is None:
+            tail = self._broken("ended the stream before it was complete")
+        if not rebuild:
             return chunk + tail if tail else None
         return b"".join(out) + tail
+
+    def _broken(self, what: str) -> bytes:
+        self.progress.failed = True
+        self._closed = True
+        return sse.error_event(f"upstream {self.provider.name} {what}", "api_error",
+                               "stream_interrupted" if "ended" in what else "invalid_upstream_response")
 
     def _new_parser(self) -> sse.SSEParser:
         self._parser = sse.SSEParser()
         return self._parser
 
-    def _event(self, ev: sse.SSEEvent) -> bool:
-        """Read one event; returns whether the client should see it."""
+    def _event(self, ev: sse.SSEEvent) -> bool | None:
+        """Read one event; returns whether the client should see it, None when it is not an OpenAI event."""
         data = ev.data
         if data == "[DONE]":
             self.progress.done = True
             return True
         metered = self.progress.text is not None  # metering needs the text: no shortcut then
-        if self.progress.first_content and not metered and '"error"' not in data and not _has_usage(data):
+        if (self.progress.first_content and not metered and data[:1] == "{" and '"error"' not in data
+                and not _has_usage(data)):
             # the hot path once content flows: a substring test instead of a JSON parse per chunk
             if ('"content"' in data and '"content":null' not in data) or '"tool_calls"' in data:
                 self.progress.content_chunks += 1
@@ -119,9 +155,9 @@ class OpenAITranslator:
         try:
             obj = json.loads(data)
         except ValueError:
-            return True
+            return None
         if not isinstance(obj, dict):
-            return True
+            return None
         if "error" in obj and "choices" not in obj:
             self.progress.failed = True
             return True
