@@ -11,6 +11,7 @@ ImmediateResponse in one place; nothing else builds error bodies.
       NotFound            404
       MethodNotAllowed    405
       PayloadTooLarge     413
+      UnsupportedMediaType 415
       QuotaExceeded       429 (Retry-After; which limit refused)
       Internal            500
       UpstreamError       502
@@ -104,6 +105,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class QuotaExceeded(GatewayError):

@@ -41,7 +41,7 @@ from extproc.auth.identity import Identity
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, MethodNotAllowed, NotFound, UpstreamError
 from extproc.pipeline.exchange import Exchange
-from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
+from extproc.pipeline.validation import check_chat, check_content_type, check_embeddings, parse_json, resolve_alias
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 
 INTERNAL_PREFIX = "x-tollgate-"
@@ -99,6 +99,7 @@ class RouterExchange:
             return messages.immediate(200, self.models_body(), {"x-request-id": self.request_id})
         if method != "POST":
             raise MethodNotAllowed(f"{path} takes POST")
+        check_content_type(headers.get("content-type"))
         if eos:
             raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
         self.endpoint = endpoint

@@ -7,15 +7,53 @@ that names the parameter, in OpenAI's error shape.
 from __future__ import annotations
 
 import json
+import re
 from numbers import Real
 from typing import Any
 
 from extproc.config import GatewayConfig
-from extproc.errors import BadRequest, NotFound, PayloadTooLarge
+from extproc.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from extproc.providers.registry import supports
 
 MAX_OUTPUT_TOKENS = 1_000_000
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+# A JSON escape of a UTF-16 surrogate: only valid as a high one followed by a low one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def check_content_type(value: str | None) -> None:
+    """The body must be declared JSON (``application/json``, any ``+json``); a missing type is read as JSON.
+
+    Form posts and ``text/plain`` are refused with 415 rather than guessed at:
+    a client that sends a form is not speaking this API.
+    """
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise UnsupportedMediaType(
+        f"content-type {value[:100]!r} is not supported; send the body as application/json", param="content-type"
+    )
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def parse_json(raw: bytes, limit: int) -> dict:
@@ -33,6 +71,11 @@ def parse_json(raw: bytes, limit: int) -> dict:
         raise BadRequest(f"request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    # A lone surrogate (\\ud800) is valid JSON but not Unicode: no provider can take it. Only a body
+    # that escapes a surrogate at all is walked (an escaped emoji is a valid pair).
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
+        raise BadRequest("request body contains invalid Unicode (a lone UTF-16 surrogate escape)",
+                         code="invalid_unicode")
     return obj
 
 
