@@ -60,5 +60,9 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
         return g.start()
 
     yield start
+    problems = []
     for g in started:
         g.stop()
+        problems.extend(g.problems())
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

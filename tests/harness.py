@@ -85,6 +85,8 @@ class Gateway:
         self.envoy_log_path = tmp / "envoy.log"
         self.proc: subprocess.Popen[bytes] | None = None  # tollgate run / tollgate extproc
         self.envoy: subprocess.Popen[bytes] | None = None  # only when split
+        self.exit_codes: list[tuple[str, int]] = []  # (what, code) of every process of ours that ended
+        self.tracebacks_allowed = False  # a test that provokes a logged traceback on purpose says so
 
     def _assign_ports(self) -> None:
         ports: list[int] = []
@@ -114,6 +116,7 @@ class Gateway:
             except StartFailed as e:
                 log = (self.log() + self.envoy_log()).lower()
                 self.stop()
+                self.exit_codes.clear()  # a start that failed on a taken port is retried, not held against the test
                 if attempt == 2 or not any(t in log for t in _PORT_TAKEN):
                     raise StartFailed(f"{e}:\n{(self.log() + self.envoy_log())[-3000:]}") from None
                 self._assign_ports()
@@ -156,9 +159,11 @@ class Gateway:
             wait_port(self.extproc_port)
 
     def kill_extproc(self) -> None:
+        """SIGKILL the Python server (a test of what clients see then); its exit code is not held against it."""
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+        self.proc = None
 
     def stop(self) -> int | None:
         code = None
@@ -175,7 +180,19 @@ class Gateway:
                 c = p.wait(5)
             if p is self.proc:
                 code = c
+            self.exit_codes.append((Path(str(p.args[0])).name, c))
+        self.proc = self.envoy = None
         return code
+
+    def problems(self) -> list[str]:
+        """What went wrong behind the test's back: a process that exited non-zero, a logged traceback."""
+        found = [f"{what} exited with code {code}" for what, code in self.exit_codes if code != 0]
+        if not self.tracebacks_allowed:
+            for name, text in (("gateway", self.log()), ("envoy", self.envoy_log())):
+                at = text.find("Traceback (most recent call last)")
+                if at != -1:
+                    found.append(f"the {name} log has a traceback:\n{text[max(0, at - 300):at + 3000]}")
+        return found
 
     def __enter__(self) -> Gateway:
         return self.start()
