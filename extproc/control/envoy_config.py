@@ -140,10 +140,33 @@ def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
     own_reply = {"metadata_filter": {"matcher": {"filter": OWN_REPLY_NAMESPACE, "path": [{"key": OWN_REPLY_KEY}],
                                                  "value": {"present_match": True}},
                                      "match_if_key_not_found": False}}
+    def status_is(code: int) -> dict[str, Any]:
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": code,
+                                                                              "runtime_key": f"tg.{code}"}}}}
+
     return {
         "mappers": [
             {  # an error the gateway answered itself is already in OpenAI's shape: keep it as it is
                 "filter": own_reply,
+            },
+            {  # HTTP/1.0 (Envoy's 426 asks for an upgrade)
+                "filter": status_is(426),
+                "body_format_override": _error_json(
+                    "HTTP/1.1 or later is required", "invalid_request_error", "http_version_not_supported"),
+            },
+            {  # a request Envoy's codec refused: a garbage request line, a header with an underscore, ...
+                "filter": status_is(400),
+                "body_format_override": _error_json(
+                    "malformed HTTP request (%RESPONSE_CODE_DETAILS%)", "invalid_request_error", "malformed_request"),
+            },
+            {  # the Python server cannot be reached (down, restarting): fail closed, and say when to come back
+                "filter": status_is(500),
+                "status_code": 503,
+                "headers_to_add": [{"header": {"key": "retry-after", "value": "1"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body_format_override": _error_json(
+                    "the gateway is unavailable right now; retry shortly", "api_error",
+                    "gateway_unavailable"),
             },
             {  # Envoy's own refusal of oversized headers (e.g. a huge bearer token), before any filter runs
                 "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": 431,
