@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     ext.add_argument("--config")
     ext.add_argument("--grace", type=float, default=10.0)
     ext.add_argument("--runtime-dir", help="where the demo backend's socket goes")
+    ext.add_argument("--standby", action="store_true",
+                     help="start up, then wait for a line on standard input before serving (the supervisor's spare)")
     render = sub.add_parser("render-envoy", help="print the Envoy bootstrap rendered from the config")
     render.add_argument("--config")
     render.add_argument("--demo-socket", default="/tmp/tollgate-demo.sock")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     use_uvloop()
     with_envoy = args.command == "run"
     try:
-        return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy))
+        return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy,
+                                 config_path=args.config, standby=getattr(args, "standby", False)))
     except ConfigError as e:  # e.g. a JWKS file or dev key that cannot be read
         print(f"tollgate: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Run Envoy and the ext_proc server together, and stop both cleanly.
 
-Start order: the demo backend (if the config uses it), the gRPC server, then
-Envoy with the rendered bootstrap. On SIGTERM/SIGINT: Envoy's listener stops
-taking connections, in-flight exchanges get ``grace`` seconds to finish, then
-the gRPC server and Envoy stop. If Envoy dies, the gateway exits with its code.
+``tollgate run`` is a supervisor: the ext_proc server (and the demo backend,
+if the config uses it) runs in a child process, Envoy in another, and a warm
+standby waits to replace the ext_proc server the moment it dies (see
+``Supervisor``). On SIGTERM/SIGINT: Envoy's listener stops taking
+connections, in-flight exchanges get ``grace`` seconds to finish, then the
+ext_proc server and Envoy stop. If Envoy dies, the gateway exits with its code.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ class Runtime:
     envoy_config: Path
 
 
-def prepare_runtime(cfg: GatewayConfig, directory: str | None = None) -> Runtime:
+def prepare_runtime(cfg: GatewayConfig, directory: str | None = None, *, write_envoy: bool = True) -> Runtime:
     d = Path(directory or tempfile.mkdtemp(prefix="tollgate-"))
     d.mkdir(parents=True, exist_ok=True)
     uses_demo = any(p.type == "demo" for p in cfg.providers.values())
     demo_socket = str(d / "demo.sock") if uses_demo else None
     path = d / "envoy.yaml"
-    path.write_text(render_yaml(cfg, demo_socket=demo_socket))
+    if write_envoy:
+        path.write_text(render_yaml(cfg, demo_socket=demo_socket))
     return Runtime(d, demo_socket, path)
 
 
@@ -93,12 +96,37 @@ def _admin_post(cfg: GatewayConfig, path: str) -> None:
 
 
 async def serve(
-    cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None, with_envoy: bool = True
+    cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None, with_envoy: bool = True,
+    config_path: str | None = None, standby: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; with ``with_envoy=False`` only the ext_proc side runs
-    (Envoy runs elsewhere, e.g. as its own container in the pod)."""
+    """``tollgate run`` (``with_envoy``): supervise Envoy and the ext_proc server; otherwise serve ext_proc
+    in this process (``tollgate extproc``, e.g. when Envoy is its own container in the pod)."""
+    if with_envoy:
+        return await Supervisor(cfg, grace=grace, runtime_dir=runtime_dir, config_path=config_path).run()
+    return await serve_extproc(cfg, grace=grace, runtime_dir=runtime_dir, standby=standby)
+
+
+async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, standby: bool) -> int:
+    """Serve the ext_proc side until SIGTERM/SIGINT.
+
+    A ``standby`` does all of its slow start-up (imports, runtime, tokenizer
+    encodings, issuer keys, Azure AD tokens) and then waits for a line on
+    its standard input before it binds its ports: the supervisor's spare,
+    ready to take over within a fraction of a second.
+    """
     gw = build_runtime(cfg)
-    rt = prepare_runtime(cfg, runtime_dir)
+    rt = prepare_runtime(cfg, runtime_dir, write_envoy=False)
+    if gw.auth is not None:
+        await gw.auth.start()  # issuers' keys and the deny list, before the first request
+    await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
+    if gw.governor is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
+        models = {a.targets[0].model for a in cfg.models.values()}
+        await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
+    if standby:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the supervisor to handle
+        if not await asyncio.to_thread(sys.stdin.readline):
+            return 0  # the supervisor went away before needing us
+        signal.signal(signal.SIGINT, interrupt)
     demo = None
     if rt.demo_socket:
         from extproc.providers.demo import start_demo
@@ -106,54 +134,18 @@ async def serve(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
-    if gw.auth is not None:
-        await gw.auth.start()  # issuers' keys and the deny list, before the first request
-    await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
-    if gw.governor is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
-        models = {a.targets[0].model for a in cfg.models.values()}
-        await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
     server, processor, health = await start_server(gw)
     gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    envoy: asyncio.subprocess.Process | None = None
-    code = 0
+    log.info("ext_proc server on %s (pid %d)", cfg.extproc.grpc_target, os.getpid())
     try:
-        if with_envoy:
-            cmd = [
-                find_envoy(cfg), "-c", str(rt.envoy_config), "--disable-hot-restart",
-                "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level,
-            ]
-            envoy = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
-            )
-            await _wait_ready(cfg, envoy)
-            _banner(cfg)
-        else:
-            log.info("ext_proc server on %s (no Envoy started)", cfg.extproc.grpc_target)
-        waits = {asyncio.create_task(stop.wait())}
-        if envoy is not None:
-            waits.add(asyncio.create_task(envoy.wait()))
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for t in pending:
-            t.cancel()
-        if envoy is not None and envoy.returncode is not None and not stop.is_set():
-            code = envoy.returncode or 1
-            log.error("envoy exited with code %s; stopping", envoy.returncode)
+        await stop.wait()
     finally:
-        if envoy is not None and envoy.returncode is None:
-            await asyncio.to_thread(_admin_post, cfg, "/drain_listeners?graceful&inboundonly")
         deadline = time.monotonic() + grace
         while processor.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await drain(server, health, max(0.0, min(grace, 2.0)))
-        if envoy is not None and envoy.returncode is None:
-            envoy.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(envoy.wait(), 10)
-            except asyncio.TimeoutError:
-                envoy.kill()
-                await envoy.wait()
         await gw.close()  # pending quota settlements, then the quota store and ledger
         gw.metrics.close()
         await gw.vault.close()
@@ -161,10 +153,148 @@ async def serve(
             await gw.auth.close()
         if demo is not None:
             await demo.cleanup()
-        if runtime_dir is None:
-            shutil.rmtree(rt.directory, ignore_errors=True)
     log.info("stopped")
-    return code
+    return 0
+
+
+class Supervisor:
+    """Envoy, the ext_proc server in a child process, and a warm standby for it.
+
+    The gRPC server runs in a child, not in this process: when it dies
+    (a crash, the OOM killer, a SIGKILL) Envoy keeps its listener and
+    answers 503 in OpenAI's shape with ``Retry-After`` (its local reply for
+    an unreachable ext_proc), and the standby, which did its slow start-up
+    already, is told to bind: service is back in well under a second. A new
+    standby is started behind it. Starting a server from scratch takes 2-3 s
+    on a loaded machine, most of it imports; hence the spare.
+    """
+
+    STANDBY_DELAY = 2.0  # the spare starts this long after the gateway is up, off the start-up path
+
+    def __init__(self, cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, config_path: str | None):
+        self.cfg = cfg
+        self.grace = grace
+        self.rt = prepare_runtime(cfg, runtime_dir)
+        self.own_dir = runtime_dir is None
+        self.cmd = [sys.executable, "-m", "extproc", "extproc", "--standby", "--grace", str(grace),
+                    "--runtime-dir", str(self.rt.directory)]
+        if config_path:
+            self.cmd += ["--config", config_path]
+        self.active: asyncio.subprocess.Process | None = None
+        self.standby: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    async def _spawn(self, go: bool) -> asyncio.subprocess.Process:
+        child = await asyncio.create_subprocess_exec(
+            *self.cmd, stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
+        if go:
+            self._go(child)
+        return child
+
+    @staticmethod
+    def _go(child: asyncio.subprocess.Process) -> None:
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+
+    async def _standby_later(self) -> None:
+        await asyncio.sleep(self.STANDBY_DELAY)
+        if self.standby is None:
+            self.standby = await self._spawn(go=False)
+
+    async def _promote(self) -> None:
+        """The active server died: the standby takes over (or, with none, a fresh one starts)."""
+        self.restarts += 1
+        child, self.standby = self.standby, None
+        if child is None or child.returncode is not None:
+            child = await self._spawn(go=True)
+        else:
+            self._go(child)
+        self.active = child
+        log.warning("ext_proc server restarted (pid %d, restart %d)", child.pid, self.restarts)
+        self.standby = await self._spawn(go=False)
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        envoy: asyncio.subprocess.Process | None = None
+        code = 0
+        spare: asyncio.Task[None] | None = None
+        try:
+            self.active = await self._spawn(go=True)
+            await _wait_extproc(cfg, self.active)
+            cmd = [find_envoy(cfg), "-c", str(self.rt.envoy_config), "--disable-hot-restart",
+                   "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level]
+            envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                         preexec_fn=_die_with_parent)
+            await _wait_ready(cfg, envoy)
+            _banner(cfg)
+            spare = asyncio.create_task(self._standby_later())
+            stopping = asyncio.create_task(stop.wait())
+            envoy_down = asyncio.create_task(envoy.wait())
+            while True:
+                assert self.active is not None
+                active_down = asyncio.create_task(self.active.wait())
+                await asyncio.wait({stopping, envoy_down, active_down}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set() or envoy_down.done():
+                    active_down.cancel()
+                    break
+                log.error("ext_proc server exited with code %s", self.active.returncode)
+                if spare is not None and not spare.done():
+                    spare.cancel()
+                await self._promote()
+            stopping.cancel()
+            envoy_down.cancel()
+            if envoy.returncode is not None and not stop.is_set():
+                code = envoy.returncode or 1
+                log.error("envoy exited with code %s; stopping", envoy.returncode)
+        finally:
+            if spare is not None:
+                spare.cancel()
+            await self._shut_down(envoy)
+        log.info("stopped")
+        return code
+
+    async def _shut_down(self, envoy: asyncio.subprocess.Process | None) -> None:
+        """Listeners drained, in-flight exchanges finished (up to the grace), then everything stops."""
+        if envoy is not None and envoy.returncode is None:
+            await asyncio.to_thread(_admin_post, self.cfg, "/drain_listeners?graceful&inboundonly")
+        for child, patience in ((self.standby, 5.0), (self.active, self.grace + 5.0)):
+            if child is not None and child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.wait(), patience)
+                except asyncio.TimeoutError:
+                    child.kill()
+                    await child.wait()
+        if envoy is not None and envoy.returncode is None:
+            envoy.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(envoy.wait(), 10)
+            except asyncio.TimeoutError:
+                envoy.kill()
+                await envoy.wait()
+        if self.own_dir:
+            shutil.rmtree(self.rt.directory, ignore_errors=True)
+
+
+async def _wait_extproc(cfg: GatewayConfig, child: asyncio.subprocess.Process, timeout: float = 60.0) -> None:
+    """Until the first ext_proc server accepts connections (Envoy starts after it)."""
+    deadline = time.monotonic() + timeout
+    a = cfg.extproc
+    while time.monotonic() < deadline:
+        if child.returncode is not None:
+            raise RuntimeError(f"the ext_proc server exited with code {child.returncode} during start-up")
+        try:
+            if a.unix_socket:
+                _, w = await asyncio.open_unix_connection(a.unix_socket)
+            else:
+                _, w = await asyncio.open_connection(a.host, a.port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the ext_proc server did not start in time")
 
 
 def _banner(cfg: GatewayConfig) -> None:
