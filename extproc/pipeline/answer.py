@@ -38,7 +38,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid", "ended")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -48,6 +48,7 @@ class Answer:
         self.cut = False  # a refused top-up ended this stream; later chunks are counted, not sent
         self.scrub = Scrubber(())  # the exchange's injected credentials, taken out of everything passed on
         self.invalid: str | None = None  # why a 2xx answer cannot be passed on (known from its headers)
+        self.ended = False  # the answer's last byte reached this stage
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -101,12 +102,24 @@ class Answer:
         if tr is None:  # Envoy's own answer
             return messages.cont("response_body")
         started = time.perf_counter()
+        self.ended = req.response_body.end_of_stream
         if self.streaming:
             resp = self._chunk(ex, tr, req.response_body)
         else:
             resp = self._whole(ex, tr, req.response_body)
         ex.response_seconds += time.perf_counter() - started
         return resp
+
+    def on_close(self, ex: Exchange) -> None:
+        """The exchange's stream is over: a stream that never saw its end was reset (see the README's cuts).
+
+        Envoy resets the client's stream when the provider's connection breaks
+        mid-answer (or the client left); either way the answer failed, and the
+        access log and metrics say so.
+        """
+        if self.streaming and not self.ended and not self.cut and not ex.stream_failed:
+            ex.stream_failed = True
+            ex.error = ex.error or "stream_reset"
 
     def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
         before = tr.progress.first_content

@@ -190,4 +190,5 @@ class RouterExchange:
         ex = self.exchange
         if ex is None:
             return
+        self.answer.on_close(ex)
         self.gw.release(ex)
