@@ -113,6 +113,8 @@ class ModelAlias:
     first_byte_timeout: float = 30.0  # no byte for this long (before or during the answer)
     retry_on_429: bool = True
     owned_by: str = "tollgate"
+    answer_timeout: float = 600.0  # the whole answer, streamed or not, from the request's end
+    min_bytes_per_second: float = 16.0  # a stream slower than this on average (after first_byte_timeout) is cut
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class EnvoySettings:
     message_timeout: float = 1.0
     log_level: str = "warning"
     concurrency: int = 2
+    max_exchanges: int = 128  # concurrent requests the Python server takes; beyond: a fast 503 (Retry-After)
 
 
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -371,7 +374,8 @@ class _Builder:
         )
 
     def envoy(self, v: Any) -> EnvoySettings:
-        m = self.mapping(v, "envoy", {"binary", "admin", "message_timeout", "log_level", "concurrency"})
+        m = self.mapping(v, "envoy", {"binary", "admin", "message_timeout", "log_level", "concurrency",
+                                      "max_exchanges"})
         d = EnvoySettings()
         level = self.string(m.get("log_level"), "envoy.log_level", default=d.log_level)
         if level not in ("trace", "debug", "info", "warning", "error", "critical", "off"):
@@ -382,6 +386,7 @@ class _Builder:
             message_timeout=self.duration(m.get("message_timeout"), "envoy.message_timeout", d.message_timeout),
             log_level=level or d.log_level,
             concurrency=self.integer(m.get("concurrency"), "envoy.concurrency", d.concurrency, 1, 64),
+            max_exchanges=self.integer(m.get("max_exchanges"), "envoy.max_exchanges", d.max_exchanges, 1, 1_000_000),
         )
 
     def limits(self, v: Any) -> Limits:
@@ -507,7 +512,8 @@ class _Builder:
     def alias(self, name: str, v: Any, path: str, providers: dict[str, Provider | None]) -> ModelAlias | None:
         if not _NAME.match(name):
             raise self.fail(path, "model aliases use letters, digits and . _ : / - (at most 128)")
-        m = self.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by"})
+        m = self.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by",
+                                   "answer_timeout", "min_bytes_per_second"})
         raw = m.get("targets")
         if not isinstance(raw, list) or not raw:
             raise self.fail(f"{path}.targets", "expected a non-empty list of {provider, model}")
@@ -531,7 +537,16 @@ class _Builder:
             first_byte_timeout=self.duration(m.get("first_byte_timeout"), f"{path}.first_byte_timeout", 30.0),
             retry_on_429=self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True),
             owned_by=self.string(m.get("owned_by"), f"{path}.owned_by", default="tollgate") or "tollgate",
+            answer_timeout=self.seconds(m.get("answer_timeout"), f"{path}.answer_timeout", 600.0, lo=1.0, hi=86400.0),
+            min_bytes_per_second=self._rate(m.get("min_bytes_per_second"), f"{path}.min_bytes_per_second", 16.0),
         )
+
+    def _rate(self, v: Any, path: str, default: float) -> float:
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e9:
+            raise self.fail(path, "expected a number of bytes per second, 0 or more (0 turns the rule off)")
+        return float(v)
 
     # -- identity and access
     def azure_ad(self, v: Any, path: str) -> AzureAd:

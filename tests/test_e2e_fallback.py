@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, providers_for
-from tests.fake_provider import Behaviour
+from tests.fake_provider import DEFAULT_REPLY, Behaviour, split_reply
 from tests.harness import free_port
 
 pytestmark = pytest.mark.e2e
@@ -164,21 +164,46 @@ def test_a_fallback_stream_is_translated_for_its_backend(client_for, fake_openai
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed from Claude"
 
 
-@pytest.mark.parametrize("how", ["abort", "error_event", "no_done"])
+BROKEN = {
+    # how it broke: (the fake's behaviour, what the SDK raises, what its message says, the access log's error)
+    "abort": (Behaviour(fail_after_chunks=2, token_delay=0.01), openai.APIConnectionError, "connection error",
+              "stream_reset"),  # Envoy resets the client's stream: an incomplete chunked body
+    "error_event": (Behaviour(error_event_after_chunks=2, token_delay=0.01), openai.APIError, "server had an error",
+                    "stream_interrupted"),
+    "no_done": (Behaviour(end_without_done=True), openai.APIError, "ended the stream before it was complete",
+                "stream_interrupted"),
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
 def test_a_stream_that_breaks_after_bytes_reached_the_client_ends_with_an_error_not_a_retry(
     client_for, fake_openai, fake_anthropic, how
 ):
-    _, client = client_for()
-    b = {"abort": Behaviour(fail_after_chunks=2, token_delay=0.01),
-         "error_event": Behaviour(error_event_after_chunks=2, token_delay=0.01),
-         "no_done": Behaviour(end_without_done=True)}[how]
-    fake_openai.behaviours.append(b)
+    gw, client = client_for()
+    behaviour, raised, says, logged = BROKEN[how]
+    fake_openai.behaviours.append(behaviour)
     received = []
-    with pytest.raises((openai.APIError, Exception)) as e:  # noqa: PT011 - the SDK's error class depends on how it broke
+    with pytest.raises(raised) as e:
         for c in client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
             received.append(c)
-    if how != "no_done":  # with no_done the provider itself sent finish_reason before going quiet
+    assert says in str(e.value).lower()
+    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    words = split_reply(DEFAULT_REPLY)
+    if how == "no_done":  # the provider sent its whole answer and finish_reason, then went quiet: an error event
+        assert text == DEFAULT_REPLY
+    elif how == "error_event":  # the two chunks before the provider's error event, then that event
+        assert text == "".join(words[:2])
         assert not any(c.choices and c.choices[0].finish_reason == "stop" for c in received)
-    assert received  # bytes did reach the client before it broke
+    else:  # a reset: at most the chunk in flight is lost (README: cuts)
+        assert text in ("".join(words[:1]), "".join(words[:2]))
     assert fake_anthropic.requests == []  # not silently retried elsewhere
-    assert e.value is not None
+    assert wait_for_error(gw) == logged
+
+
+def wait_for_error(gw) -> str | None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if records := gw.access_records():
+            return records[-1]["error"]
+        time.sleep(0.05)
+    raise AssertionError("no access-log record")

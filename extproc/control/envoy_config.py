@@ -62,7 +62,7 @@ HCM_SETTINGS: dict[str, Any] = {
 
 def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str = CA_BUNDLE) -> dict[str, Any]:
     """The bootstrap as a plain dict (dump it as YAML or JSON)."""
-    clusters = [_extproc_cluster(cfg.extproc)]
+    clusters = [_extproc_cluster(cfg.extproc, cfg.envoy.max_exchanges)]
     routes = []
     for alias in cfg.models.values():
         for i, t in enumerate(alias.targets):
@@ -183,11 +183,26 @@ def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
                     "request_too_large"
                 ),
             },
+            {  # the whole-answer deadline (the route timeout) passed
+                "filter": {"and_filter": {"filters": [status_is(504), {"response_flag_filter": {"flags": ["UT"]}}]}},
+                "body_format_override": _error_json(
+                    "no complete answer in time (%RESPONSE_CODE_DETAILS%); see the model's answer_timeout and "
+                    "per_try_timeout", "api_error", "upstream_timeout"),
+            },
             {
                 "filter": {"response_flag_filter": {"flags": flags}},
                 "body_format_override": _error_json(
                     "no provider could answer: %LOCAL_REPLY_BODY%", "api_error", "upstream_unavailable"
                 ),
+            },
+            {  # a 504 that no upstream flag explains: the Python server did not answer a message in time
+                # (overload, or a stuck server). Nothing was routed if it happened on the request side.
+                "filter": status_is(504),
+                "status_code": 503,
+                "headers_to_add": [{"header": {"key": "retry-after", "value": "1"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "body_format_override": _error_json(
+                    "the gateway is overloaded; retry shortly", "api_error", "gateway_overloaded"),
             },
             {
                 "filter": {"status_code_filter": {"comparison": {"op": "GE", "value": {"default_value": 500,
@@ -331,7 +346,9 @@ def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
 
 
 def _route(alias: ModelAlias) -> dict[str, Any]:
-    action: dict[str, Any] = {"cluster": _aggregate_name(alias), "timeout": "0s"}
+    # The whole-answer deadline; a second of slack lets the answer stage cut a late stream cleanly (an
+    # error event) before Envoy's timeout would reset it. A plain answer past it is a 504 in OpenAI's shape.
+    action: dict[str, Any] = {"cluster": _aggregate_name(alias), "timeout": _ms(alias.answer_timeout + 1.0)}
     retry_on = "5xx,reset,connect-failure,refused-stream"
     policy: dict[str, Any] = {
         "retry_on": retry_on + (",retriable-status-codes" if alias.retry_on_429 else ""),
@@ -446,12 +463,25 @@ def _target_cluster(
     return cluster
 
 
-def _extproc_cluster(a: Address) -> dict[str, Any]:
+def _extproc_cluster(a: Address, max_exchanges: int) -> dict[str, Any]:
+    """The Python server, with admission control in front of it.
+
+    Every request Envoy routes holds one gRPC stream to the server for its
+    whole life (a fallback attempt one more), so the circuit breaker's
+    ``max_requests`` on this cluster caps the exchanges in flight. Past it
+    the stream is refused at once and the client gets a 503 with
+    ``Retry-After`` (the local reply for an unreachable ext_proc server)
+    within milliseconds, before anything is routed; without the cap, excess
+    load queues in the server until Envoy's per-message timeout answers 504
+    (measured: tests/bench/overload.md).
+    """
+    limits = {"max_connections": _MANY, "max_pending_requests": _MANY, "max_retries": _MANY,
+              "max_requests": max_exchanges}
     return {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "circuit_breakers": circuit_breakers(),
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", **limits}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

@@ -124,6 +124,7 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
         await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
     if standby:
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the supervisor to handle
+        log.info("ext_proc standby ready (pid %d)", os.getpid())
         if not await asyncio.to_thread(sys.stdin.readline):
             return 0  # the supervisor went away before needing us
         signal.signal(signal.SIGINT, interrupt)

@@ -38,7 +38,8 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid", "ended")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid", "ended", "bytes", "since",
+                 "deadline", "min_rate", "grace")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -49,6 +50,11 @@ class Answer:
         self.scrub = Scrubber(())  # the exchange's injected credentials, taken out of everything passed on
         self.invalid: str | None = None  # why a 2xx answer cannot be passed on (known from its headers)
         self.ended = False  # the answer's last byte reached this stage
+        self.bytes = 0  # of the stream, as the provider sent them
+        self.since = 0.0  # the stream's headers arrived (monotonic)
+        self.deadline = 0.0  # the whole answer must be done by then (monotonic)
+        self.min_rate = 0.0  # bytes per second a stream must keep up on average, once past ``grace``
+        self.grace = 0.0
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -89,6 +95,10 @@ class Answer:
             self.streaming = ex.stream and self.invalid is None and status == 200
             if self.streaming:
                 ex.streamed = True
+                alias = self.gw.config.models[ex.alias]
+                self.since = time.monotonic()
+                self.deadline = ex.received_at + alias.answer_timeout
+                self.min_rate, self.grace = alias.min_bytes_per_second, alias.first_byte_timeout
                 if ex.admission is not None:
                     translator.progress.text = []  # the translator now hands us the generated text
                 out["content-type"] = "text/event-stream"
@@ -109,6 +119,24 @@ class Answer:
             resp = self._whole(ex, tr, req.response_body)
         ex.response_seconds += time.perf_counter() - started
         return resp
+
+    def _too_slow(self, n: int) -> GatewayError | None:
+        """The stream's time bounds: the whole-answer deadline, and the minimum average rate.
+
+        Checked as each chunk arrives, so a trickling provider (a byte a
+        second keeps Envoy's idle timeout from ever firing) is cut with an
+        error event; a silent one is Envoy's (``first_byte_timeout``).
+        """
+        self.bytes += n
+        now = time.monotonic()
+        if now > self.deadline:
+            return GatewayError("the answer did not complete within the model's answer_timeout", status=504,
+                                code="answer_timeout")
+        elapsed = now - self.since
+        if self.min_rate and elapsed > self.grace and self.bytes < self.min_rate * elapsed:
+            return GatewayError(f"the provider sent {self.bytes} bytes in {elapsed:.0f} s, below the model's "
+                                f"min_bytes_per_second ({self.min_rate:g})", status=504, code="upstream_too_slow")
+        return None
 
     def on_close(self, ex: Exchange) -> None:
         """The exchange's stream is over: a stream that never saw its end was reset (see the README's cuts).
@@ -139,6 +167,12 @@ class Answer:
         if tr.response_model:
             ex.response_model = tr.response_model
         adm, produced = ex.admission, tr.progress.text
+        if (not self.cut and not body.end_of_stream and not tr.progress.done and not tr.progress.failed
+                and (late := self._too_slow(len(body.body))) is not None):
+            if adm is not None and produced:  # what this last chunk carries reaches the client: it counts
+                adm.count_output("".join(produced))
+                produced.clear()
+            return self._cut(ex, late, body.body if out is None else out)
         if adm is None or not produced:
             return messages.stream_body(b"" if self.cut else out)
         text = "".join(produced)

@@ -1,0 +1,287 @@
+"""The data path under bad providers, bad clients and a dying Python server: every answer is OpenAI's
+shape, nothing unreadable passes as a success, nothing runs forever, and the gateway comes back by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+
+from tests.conftest import providers_for
+from tests.fake_provider import Behaviour, split_reply
+
+pytestmark = pytest.mark.e2e
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+COMPLETION = json.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}).encode()
+
+
+def single(fake, **alias) -> dict:
+    return {"providers": providers_for(fake),
+            "models": {"gpt-4o": {"targets": [{"provider": "openai", "model": "gpt-4o"}], **alias}}}
+
+
+def client_of(gw, timeout: float = 20) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.base_url, api_key="client-key", max_retries=0, timeout=timeout)
+
+
+def openai_error(body: bytes | str) -> dict:
+    obj = json.loads(body)
+    assert set(obj) == {"error"} and {"message", "type", "code"} <= set(obj["error"]), obj
+    return obj["error"]
+
+
+# --------------------------------------------------------------------------- invalid provider answers
+
+GARBAGE = [
+    ("not json", b"<html>502 Bad Gateway</html>", "application/json"),
+    ("truncated json", COMPLETION[: len(COMPLETION) // 2], "application/json"),
+    ("json without choices", b'{"object": "chat.completion"}', "application/json"),
+    ("wrong content type", COMPLETION, "text/html"),
+    ("empty body", b"", "application/json"),
+]
+
+
+@pytest.mark.parametrize("name, body, ctype", GARBAGE, ids=[g[0] for g in GARBAGE])
+def test_an_unreadable_200_is_a_502_in_openai_shape_and_billed_nothing(gateway, fake_openai, name, body, ctype):
+    gw = gateway(single(fake_openai))
+    fake_openai.behaviours.append(Behaviour(raw_body=body, content_type=ctype))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    assert openai_error(caught.value.response.text)["code"] == "invalid_upstream_response"
+    record = wait_for_record(gw)
+    assert record["status"] == 502 and record["error"] == "invalid_upstream_response"
+    assert record["cost_usd"] == 0  # the documented rule: an answer nobody could read costs the caller nothing
+
+
+@pytest.mark.parametrize("body, ctype, status", [
+    (COMPLETION, "application/json", 502),  # a stream request answered with a whole JSON body
+    (b"<html>oops</html>\n\n", "text/event-stream", 200),  # declared SSE, is not
+    (b"data: {not json\n\n", "text/event-stream", 200),
+], ids=["json instead of sse", "html as sse", "broken data line"])
+def test_a_stream_that_is_not_an_openai_stream_never_passes_as_success(gateway, fake_openai, body, ctype, status):
+    gw = gateway(single(fake_openai))
+    fake_openai.behaviours.append(Behaviour(raw_body=body, content_type=ctype))
+    client = client_of(gw)
+    if status == 502:
+        with pytest.raises(openai.APIStatusError) as caught:
+            list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+        assert caught.value.status_code == 502
+        return
+    with pytest.raises(openai.APIError) as caught:  # the in-band error event the SDK raises on
+        list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    assert "upstream openai" in str(caught.value)
+    assert wait_for_record(gw)["error"] in ("stream_interrupted", "invalid_upstream_response")
+
+
+# --------------------------------------------------------------------------- bad clients, Envoy's own replies
+
+
+def send_raw(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+BODY = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'
+RAW = [
+    ("http/1.0", b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n" % len(BODY) + BODY, 426, "http_version_not_supported"),
+    ("underscore header", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX_Team: a\r\nconnection: close\r\n"
+                          b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY,
+     400, "malformed_request"),
+    ("garbage request line", b"\x16\x03\x01 hello there\r\n\r\n", 400, "malformed_request"),
+    ("huge headers", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nx-big: " + b"a" * 100_000 + b"\r\nconnection: close\r\n\r\n",
+     431, "request_headers_too_large"),
+    ("form post", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+                  b"content-type: application/x-www-form-urlencoded\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY,
+     415, "unsupported_media_type"),
+    ("text/plain", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+                   b"content-type: text/plain\r\ncontent-length: %d\r\n\r\n" % len(BODY) + BODY,
+     415, "unsupported_media_type"),
+]
+
+
+def test_every_refusal_of_a_bad_request_is_an_openai_error_and_reaches_no_provider(gateway, fake_openai):
+    gw = gateway(single(fake_openai))
+    for name, data, status, code in RAW:
+        got, headers, body = send_raw(gw.port, data)
+        assert (name, got) == (name, status)
+        assert headers["content-type"].startswith("application/json"), name
+        assert openai_error(body)["code"] == code, name
+    lone = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "bad \\ud800 text"}]}'
+    status, _, body = gw.raw("POST", "/v1/chat/completions", lone)
+    assert status == 400 and openai_error(body)["code"] == "invalid_unicode"
+    pair = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "fine \\ud83d\\ude00"}]}'
+    assert gw.raw("POST", "/v1/chat/completions", pair)[0] == 200
+    assert len(fake_openai.requests) == 1  # only the valid one
+
+
+# --------------------------------------------------------------------------- time bounds
+
+
+def test_a_plain_answer_trickling_a_byte_a_second_ends_at_the_answer_deadline(gateway, fake_openai):
+    gw = gateway(single(fake_openai, answer_timeout="3s"))
+    fake_openai.behaviours.append(Behaviour(raw_body=COMPLETION, byte_delay=1.0))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    took = time.monotonic() - started
+    assert caught.value.status_code == 504
+    assert openai_error(caught.value.response.text)["code"] == "upstream_timeout"
+    assert 3 <= took < 10
+
+
+def test_a_trickling_stream_is_cut_by_the_minimum_rate_with_every_byte_so_far_and_an_error_event(gateway, fake_openai):
+    gw = gateway(single(fake_openai, first_byte_timeout="2s", min_bytes_per_second=400))
+    # every word is one event of ~260 bytes: fifty a second keep up, one every 1.5 s does not
+    fake_openai.behaviours.append(Behaviour(reply=" ".join(f"w{i}" for i in range(40)), token_delay=1.5))
+    got: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+            got.extend(c.delta.content or "" for c in chunk.choices)
+    assert "min_bytes_per_second" in str(caught.value)
+    assert time.monotonic() - started < 10
+    words = "".join(got).split()
+    assert 2 <= len(words) < 40 and words == [f"w{i}" for i in range(len(words))]  # a prefix, nothing skipped
+    record = wait_for_record(gw)
+    assert record["error"] == "upstream_too_slow"
+    fake_openai.behaviours.append(Behaviour(reply=" ".join(f"w{i}" for i in range(40)), token_delay=0.02))
+    fast = client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in fast if c.choices).split() == [f"w{i}" for i in range(40)]
+
+
+# --------------------------------------------------------------------------- cuts
+
+
+def test_a_stream_the_provider_ends_without_its_terminator_delivers_every_chunk_then_an_error(gateway, fake_openai):
+    gw = gateway(single(fake_openai))
+    reply = "one two three four five six seven"
+    fake_openai.behaviours.append(Behaviour(reply=reply, end_without_done=True))
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+            got.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(got) == reply
+    assert "ended the stream before it was complete" in str(caught.value)
+    assert wait_for_record(gw)["error"] == "stream_interrupted"
+
+
+def test_a_stream_whose_provider_connection_breaks_never_looks_like_success_and_is_logged_as_failed(
+        gateway, fake_openai):
+    # Envoy resets the client's stream when the provider's connection breaks mid-answer (README: cuts)
+    gw = gateway(single(fake_openai))
+    reply = "one two three four five six seven"
+    fake_openai.behaviours.append(Behaviour(reply=reply, fail_after_chunks=5, token_delay=0.02))
+    got: list[str] = []
+    with pytest.raises((openai.APIError, openai.APIConnectionError)):
+        for chunk in client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+            got.extend(c.delta.content or "" for c in chunk.choices)
+    words = split_reply(reply)
+    assert "".join(got) in ("".join(words[:4]), "".join(words[:5]))  # at most the chunk in flight is lost
+    record = wait_for_record(gw)
+    assert record["error"] == "stream_reset"
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def extproc_pid(gw) -> int:
+    """The serving ext_proc child, once its standby is ready (it starts 2 s after the gateway)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "extproc extproc"], capture_output=True,
+                             text=True)
+        pids = [int(p) for p in out.stdout.split()]
+        if len(pids) == 2 and any(f"ext_proc standby ready (pid {p})" in gw.log() for p in pids):
+            break
+        time.sleep(0.2)
+    serving = [p for p in pids if listens(p)]
+    assert len(serving) == 1, pids
+    return serving[0]
+
+
+def listens(pid: int) -> bool:
+    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+    return f"pid={pid}," in out
+
+
+def test_sigkill_of_the_python_server_under_load_gives_json_errors_and_service_is_back_within_2s(
+        gateway, fake_openai):
+    gw = gateway(single(fake_openai))
+    envoy_before = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-x", "envoy"], capture_output=True,
+                                  text=True).stdout.split()
+    victim = extproc_pid(gw)
+    fake_openai.default = Behaviour(token_delay=0.01)
+    client = client_of(gw, timeout=10)
+    outcomes: list[tuple[float, int | str]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        try:
+            while not stop.is_set():
+                at = time.monotonic()
+                try:
+                    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                    outcomes.append((at, 200))
+                except openai.APIStatusError as e:
+                    openai_error(e.response.text)
+                    outcomes.append((at, e.status_code))
+                except openai.APIConnectionError:
+                    outcomes.append((at, "reset"))  # a request in the dying process's hands
+        except BaseException as e:  # noqa: BLE001 - reported to the test below
+            failures.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert failures == []
+    after = [(at - killed_at, what) for at, what in outcomes if at > killed_at]
+    assert after, outcomes
+    back = next(at for at, what in after if what == 200)
+    assert back <= 2.0
+    assert {what for _, what in after if what != 200} <= {503, "reset"}
+    resets = [at for at, what in after if what == "reset"]
+    assert all(at < 0.1 for at in resets)  # only requests in flight at the kill
+    envoy_after = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-x", "envoy"], capture_output=True,
+                                 text=True).stdout.split()
+    assert envoy_after == envoy_before  # Envoy never exited
+    assert extproc_pid(gw) != victim
+
+
+def wait_for_record(gw, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = gw.access_records()
+        if records:
+            return records[-1]
+        time.sleep(0.05)
+    raise AssertionError("no access-log record")
