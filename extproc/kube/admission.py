@@ -38,6 +38,7 @@ from extproc.kube.inject import (
     InjectError,
     InjectOptions,
     inject,
+    object_name,
 )
 
 log = logging.getLogger("tollgate.injector")
@@ -153,7 +154,7 @@ def _says(meta: Mapping[str, Any], value: str) -> bool:
 
 
 def _inject_one(obj: dict[str, Any], policy: InjectorPolicy) -> tuple[list[dict[str, Any]] | None, Verdict]:
-    where = f"{obj['kind']} {(obj.get('metadata') or {}).get('name') or (obj.get('metadata') or {}).get('generateName') or '?'}"
+    where = object_name(obj)
     meta = _pod_meta(obj)
     annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
     if _says(meta, "false") or _says(obj.get("metadata") or {}, "false"):

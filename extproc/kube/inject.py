@@ -202,7 +202,7 @@ def _inject_object(doc: dict[str, Any], opts: InjectOptions) -> dict[str, Any]:
         return out
     if kind not in TEMPLATES:
         return out
-    where = f"{kind}/{(out.get('metadata') or {}).get('name', '?')}"
+    where = object_name(out)
     if _opted_out(out.get("metadata")):
         return out
     template: Any = out
@@ -212,6 +212,12 @@ def _inject_object(doc: dict[str, Any], opts: InjectOptions) -> dict[str, Any]:
         raise InjectError(f"{where}: no pod template at {'.'.join(TEMPLATES[kind]) or 'spec'}")
     _inject_pod(template, opts, where)
     return out
+
+
+def object_name(obj: dict[str, Any]) -> str:
+    """``Kind/name`` for messages; a pod its controller is creating has only a ``generateName``."""
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    return f"{obj.get('kind')}/{meta.get('name') or meta.get('generateName') or '?'}"
 
 
 def _opted_out(meta: Any) -> bool:
