@@ -55,8 +55,8 @@ def add_parsers(sub: Any) -> None:
     inj.add_argument("--reload-interval", type=float, default=10.0, help="seconds between looks at the cert files")
     inj.add_argument("--shutdown-delay", type=float, default=5.0)
     certs = sub.add_parser("injector-certs", help="create/renew the injector's CA and certificate, patch caBundle")
-    certs.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"), required=not os.environ.get(
-        "POD_NAMESPACE"))
+    certs.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+                       help="where the Secret and the injector's Service are (default: $POD_NAMESPACE)")
     certs.add_argument("--secret", default="tollgate-injector-tls")
     certs.add_argument("--service", default="tollgate-injector")
     certs.add_argument("--webhook", default="tollgate-injector", help="the MutatingWebhookConfiguration")
@@ -80,6 +80,9 @@ def injector_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def certs_command(args: argparse.Namespace) -> int:
+    if not args.namespace:
+        print("tollgate: injector-certs: give --namespace (or set POD_NAMESPACE)", file=sys.stderr)
+        return 2
     api = KubeApi(args.api_server, args.api_ca, args.token_file) if args.api_server else None
     try:
         api = api or KubeApi.in_cluster()
