@@ -11,8 +11,11 @@ import asyncio
 import base64
 import http.client
 import json
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -220,3 +223,34 @@ def test_on_stop_it_reports_not_ready_before_closing(running: Running):
     wait_until(lambda: running.get("/readyz") == (503, "shutting down\n"), timeout=2)
     running.thread.join(10)
     assert not running.thread.is_alive()
+
+
+def test_the_tollgate_injector_command_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, ca: trustme.CA):
+    write_pair(ca, tmp_path)
+    port, health = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "injector", "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key",
+         str(tmp_path / "tls.key"), "--host", "127.0.0.1", "--port", str(port), "--health-port", str(health),
+         "--namespace", "tollgate-system", "--image", "registry.example.com/tollgate:9", "--shutdown-delay", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        r = Running(port, health, None, None, None, None)  # type: ignore[arg-type]  # a client only
+        wait_until(lambda: proc.poll() is None and _ready(r), timeout=30)
+        status, doc = r.post("/inject", admission_review(pod()), ca)
+        ops = json.loads(base64.b64decode(doc["response"]["patch"]))
+        (containers,) = [op["value"] for op in ops if op["path"] == "/spec/containers"]
+        assert {c["image"] for c in containers[:2]} == {"registry.example.com/tollgate:9"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "injector serving on https://127.0.0.1" in (proc.stdout.read() if proc.stdout else "")
+
+
+def _ready(r: Running) -> bool:
+    try:
+        return r.get("/readyz")[0] == 200
+    except OSError:
+        return False
