@@ -84,14 +84,16 @@ class InjectorPolicy:
 
 def review(body: bytes, policy: InjectorPolicy) -> tuple[dict[str, Any], Verdict]:
     """The AdmissionReview to send back for ``body``, and the verdict behind it. Never raises."""
-    uid = ""
     try:
         doc = json.loads(body)
-        if isinstance(doc, dict) and isinstance(doc.get("request"), dict):
-            uid = str(doc["request"].get("uid") or "")
-        patch, verdict = _decide(doc, policy)
     except (ValueError, UnicodeDecodeError) as e:  # JSON errors are ValueErrors
-        patch, verdict = None, Verdict("passed", "malformed", f"not a JSON AdmissionReview: {e}")
+        bad = Verdict("passed", "malformed", f"not a JSON AdmissionReview: {e}")
+        return _answer("", None, bad), bad
+    uid = ""
+    if isinstance(doc, dict) and isinstance(doc.get("request"), dict):
+        uid = str(doc["request"].get("uid") or "")
+    try:
+        patch, verdict = _decide(doc, policy)
     except Exception:  # a bug of ours must not block pod creation: admit without the sidecar
         log.exception("injector error")
         patch, verdict = None, Verdict("passed", "error", "tollgate injector error; admitted without the sidecar")
@@ -104,7 +106,7 @@ def _answer(uid: str, patch: list[dict[str, Any]] | None, v: Verdict) -> dict[st
         response["status"] = {"code": 403, "reason": "Forbidden", "message": f"tollgate injector: {v.message}"}
     elif v.message:
         response["status"] = {"code": 200, "message": f"tollgate injector: {v.message}"}
-        if v.outcome == "skipped" and v.reason in ("no_native_sidecars", "host_network"):
+        if v.reason == "no_native_sidecars":  # a person should know this pod runs without the gateway
             response["warnings"] = [f"tollgate injector: {v.message}"]
     if patch:
         response["patchType"] = "JSONPatch"
