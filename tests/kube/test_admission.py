@@ -104,6 +104,16 @@ def test_a_pod_with_init_containers_keeps_them_and_their_order():
     valid_pod(out)
 
 
+def test_a_pod_that_already_has_other_sidecars_keeps_them():
+    p = pod(initContainers=[{"name": "istio-proxy", "image": "proxyv2:1.24", "restartPolicy": "Always"}])
+    p["spec"]["containers"].append({"name": "log-shipper", "image": "fluent-bit:3", "ports": [{"containerPort": 2020}]})
+    out = patched(p, answer(p)[0])
+    assert names(out["spec"]["initContainers"]) == ["istio-proxy"]
+    assert names(out["spec"]["containers"]) == [*OURS, "app", "log-shipper"]
+    assert out["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "app"
+    valid_pod(out)
+
+
 def job_pod(owner: str = "Job") -> dict[str, Any]:
     p = pod("report-28712345-abcde", restartPolicy="Never")
     p["metadata"]["ownerReferences"][0].update(apiVersion="batch/v1", kind=owner, name="report-28712345")
