@@ -119,16 +119,20 @@ async def chat(request: web.Request) -> web.StreamResponse:
     async def send(obj: object) -> None:
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
 
-    await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-    for p in pieces:
-        await asyncio.sleep(TOKEN_DELAY)
-        await send({**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]})
-    await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-    opts = body.get("stream_options") or {}
-    if opts.get("include_usage"):
-        await send({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    try:
+        await send({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+        for p in pieces:
+            await asyncio.sleep(TOKEN_DELAY)
+            await send({**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]})
+        await send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        opts = body.get("stream_options") or {}
+        if opts.get("include_usage"):
+            await send({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:  # the client left (Envoy closed this stream): nothing to finish
+        pass
     return resp
 
 
