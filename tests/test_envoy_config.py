@@ -62,7 +62,7 @@ def test_the_rendered_config_fails_closed_and_lets_long_streams_finish():
     assert listener["per_connection_buffer_limit_bytes"] == 4194304
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     gpt = next(r for r in routes if r["name"] == "alias:gpt-4o")
-    assert gpt["route"]["timeout"] == "0s"  # no 15 s default cut-off for long generations
+    assert gpt["route"]["timeout"] == "601.000s"  # no 15 s default cut-off: the answer_timeout (10 min), plus slack
     policy = gpt["route"]["retry_policy"]
     assert policy["num_retries"] == 2
     assert policy["per_try_idle_timeout"] == "20.000s"
