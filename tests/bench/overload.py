@@ -60,7 +60,7 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str
     return status, headers, body
 
 
-async def _connection(port: int, request: bytes, until: float, out: list[tuple[int, float, bool]]) -> None:
+async def _connection(port: int, request: bytes, until: float, out: list[tuple[int, float, bool, str]]) -> None:
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     while time.monotonic() < until:
         started = time.perf_counter()
@@ -71,19 +71,20 @@ async def _connection(port: int, request: bytes, until: float, out: list[tuple[i
             writer.write(request)
             status, headers, body = await _read_answer(reader)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
-            out.append((-1, time.perf_counter() - started, False))
+            out.append((-1, time.perf_counter() - started, False, ""))
             conn = None
             continue
-        clean = True
+        clean, code = True, ""
         if status != 200:
             try:
                 err = json.loads(body)["error"]
                 clean = bool(err["message"]) and "type" in err and "code" in err
+                code = str(err.get("code"))
             except (ValueError, KeyError, TypeError):
                 clean = False
             if status in (429, 503):
                 clean = clean and "retry-after" in headers
-        out.append((status, time.perf_counter() - started, clean))
+        out.append((status, time.perf_counter() - started, clean, code))
         if headers.get("connection") == "close":
             conn[1].close()
             conn = None
@@ -91,11 +92,11 @@ async def _connection(port: int, request: bytes, until: float, out: list[tuple[i
             await asyncio.sleep(min(float(headers.get("retry-after", "1") or 1), 1.0))
 
 
-async def _drive(port: int, conns: int, seconds: float) -> list[tuple[int, float, bool]]:
+async def _drive(port: int, conns: int, seconds: float) -> list[tuple[int, float, bool, str]]:
     body = json.dumps({"model": PLAIN_MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                f"content-length: {len(body)}\r\n\r\n").encode() + body
-    out: list[tuple[int, float, bool]] = []
+    out: list[tuple[int, float, bool, str]] = []
     until = time.monotonic() + seconds
     await asyncio.gather(*(_connection(port, request, until, out) for _ in range(conns)))
     return out
@@ -135,15 +136,19 @@ def measure(gw: Gateway, conns: int, seconds: float) -> dict[str, Any]:
     time.sleep(0.5)
     reached = upstream_requests(gw) - before
     by_status: dict[int, list[float]] = {}
+    by_code: dict[str, list[float]] = {}
     unclean = 0
-    for status, seconds_taken, clean in results:
+    for status, seconds_taken, clean, code in results:
         by_status.setdefault(status, []).append(seconds_taken)
+        by_code.setdefault(code, []).append(seconds_taken)
         unclean += not clean
     served = len(by_status.get(200, []))
-    refused = [t for s, ts in by_status.items() if s in (429, 503) for t in ts]
+    refused = by_code.get("gateway_unavailable", [])  # the circuit breaker's refusals
+    timed_out = by_code.get("gateway_overloaded", [])  # an ext_proc message timed out (was a 504)
     return {
         "total": len(results), "served": served, "reached": reached, "unclean": unclean,
         "counts": {s: len(ts) for s, ts in sorted(by_status.items())},
+        "refused": len(refused), "timed_out": len(timed_out),
         "served_p50": pct(by_status.get(200, []), 50), "served_p99": pct(by_status.get(200, []), 99),
         "refused_p50": pct(refused, 50), "refused_p99": pct(refused, 99), "refused_max": max(refused, default=0.0),
     }
@@ -206,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.conns} closed-loop connections for {args.seconds:g} s per variant against plain chat requests "
         "(quota on, memory store), fake provider in its own process. "
         f"Machine: {facts.get('cpu', '?')}, shared with other sessions (noise is large).", "",
-        "| variant | answers | 200 | 504 | other statuses | unclean | reached provider | served p50 / p99 ms "
+        "| variant | answers | 200 | refused at once (503 `gateway_unavailable`) | message timeouts (503 "
+        "`gateway_overloaded`, were 504) | 504 | other | unclean | reached provider | served p50 / p99 ms "
         "| refused p50 / p99 / max ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
-        others = ", ".join(f"{s}: {n}" for s, n in r["counts"].items() if s not in (200, 504))
+        others = r["total"] - r["served"] - r["refused"] - r["timed_out"] - r["counts"].get(504, 0)
         lines.append(
-            f"| {name} | {r['total']} | {r['served']} | {r['counts'].get(504, 0)} | {others or '-'} | {r['unclean']} "
+            f"| {name} | {r['total']} | {r['served']} | {r['refused']} | {r['timed_out']} | {r['counts'].get(504, 0)} "
+            f"| {others} | {r['unclean']} "
             f"| {r['reached']} | {ms(r['served_p50'])} / {ms(r['served_p99'])} "
             f"| {ms(r['refused_p50'])} / {ms(r['refused_p99'])} / {ms(r['refused_max'])} |")
     lines += ["", "`-1`: the connection failed or was reset (counted, never expected). 'unclean': a non-200 answer "
