@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from extproc.config import AzureAd
+from extproc.credentials.settings import AzureAd
 
 log = logging.getLogger("tollgate.credentials")
 
