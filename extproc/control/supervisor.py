@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,7 @@ async def serve(
             _banner(cfg)
         else:
             log.info("ext_proc server on %s (no Envoy started)", cfg.extproc.grpc_target)
-        waits = {asyncio.create_task(stop.wait())}
+        waits: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait())}
         if envoy is not None:
             waits.add(asyncio.create_task(envoy.wait()))
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -177,7 +177,7 @@ class RedisLedger:
         low = str(int(since * 1000))
         high = "+" if until is None else f"({int(until * 1000)}"
         while True:
-            batch = await self._client.xrange(self._stream, min=low, max=high, count=1000)
+            batch: list[Any] = list(await self._client.xrange(self._stream, min=low, max=high, count=1000) or ())
             for entry_id, raw in batch:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 yield UsageRecord.from_fields(raw, int(eid.split("-")[0]) / 1000)
