@@ -20,11 +20,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.pipeline.runtime import build_runtime
-from extproc.config import GatewayConfig
+from extproc.config import GatewayConfig, environment
 from extproc.control.envoy_config import render_yaml
 from extproc.pipeline.server import drain, install_signal_handlers, start_server
 
@@ -310,7 +311,7 @@ def _banner(cfg: GatewayConfig) -> None:
 
 
 def use_uvloop() -> None:
-    if os.environ.get("TOLLGATE_NO_UVLOOP"):
+    if environment().get("TOLLGATE_NO_UVLOOP"):
         return
     with contextlib.suppress(ImportError):
         import uvloop
