@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
