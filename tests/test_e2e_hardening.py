@@ -67,6 +67,18 @@ def test_an_unreadable_200_is_a_502_in_openai_shape_and_billed_nothing(gateway, 
     assert record["cost_usd"] == 0  # the documented rule: an answer nobody could read costs the caller nothing
 
 
+def test_an_answer_larger_than_the_gateways_buffer_is_a_502_naming_the_limit(gateway, fake_openai):
+    gw = gateway({**single(fake_openai), "limits": {"max_request_bytes": 1024 * 1024}})
+    big = json.loads(COMPLETION)
+    big["choices"][0]["message"]["content"] = "x" * (3 * 1024 * 1024)
+    fake_openai.behaviours.append(Behaviour(raw_body=json.dumps(big).encode()))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert caught.value.status_code == 502
+    err = openai_error(caught.value.response.text)
+    assert err["code"] == "upstream_response_too_large" and "1048576 bytes" in err["message"]
+
+
 @pytest.mark.parametrize("body, ctype, status", [
     (COMPLETION, "application/json", 502),  # a stream request answered with a whole JSON body
     (b"<html>oops</html>\n\n", "text/event-stream", 200),  # declared SSE, is not

@@ -160,6 +160,15 @@ def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:
                 "body_format_override": _error_json(
                     "malformed HTTP request (%RESPONSE_CODE_DETAILS%)", "invalid_request_error", "malformed_request"),
             },
+            {  # a provider's answer larger than the buffer the answer stage reads it into
+                "filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config": {
+                    "@type": _T + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": "response.code_details == 'response_payload_too_large'"}}},
+                "status_code": 502,
+                "body_format_override": _error_json(
+                    f"the provider's answer is larger than the gateway's buffer of {limit} bytes "
+                    "(limits.max_request_bytes)", "api_error", "upstream_response_too_large"),
+            },
             {  # the Python server cannot be reached (down, restarting): fail closed, and say when to come back
                 "filter": status_is(500),
                 "status_code": 503,
