@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extproc.cache.settings import CacheSettings, parse_cache
 from extproc.quota.settings import QuotaSettings, parse_quota
 
 PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "demo")
@@ -206,6 +207,7 @@ class GatewayConfig:
     teams: dict[str, Team] = field(default_factory=dict)
     redis: RedisSettings | None = None
     quota: QuotaSettings | None = None  # None: no token or money governance at all
+    cache: CacheSettings | None = None  # None: no response cache (every answer says bypass)
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -343,7 +345,7 @@ class _Builder:
     def gateway(self, data: Any) -> GatewayConfig:
         top = self.mapping(
             data, "",
-            {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota"},
+            {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota", "cache"},
         )
         d = GatewayConfig()
         providers = self.providers(top.get("providers"))
@@ -364,6 +366,9 @@ class _Builder:
             teams=teams,
             redis=redis,
             quota=self.quota(top.get("quota"), redis, models),
+            cache=self.section(parse_cache, top.get("cache"), "cache", aliases=list(models),
+                               redis_url=redis.url if redis else None,
+                               key_prefix=redis.key_prefix if redis else "tollgate"),
             source=self.source,
         )
 
@@ -561,6 +566,14 @@ class _Builder:
             raise self.fail("redis.key_prefix", "use letters, digits and . _ : -")
         password = self.secret(m["password"], "redis.password") if "password" in m else None
         return RedisSettings(url=url, password=password, key_prefix=prefix)
+
+    def section(self, parse: Any, v: Any, path: str, **kw: Any) -> Any:
+        """A section whose own package parses it; its ValueError ("key.path: message") gets the key's line."""
+        try:
+            return parse(v, path, **kw)
+        except ValueError as e:
+            where, _, message = str(e).partition(": ")
+            raise self.fail(where, message) from None
 
     def quota(self, v: Any, redis: RedisSettings | None, models: dict[str, ModelAlias]) -> QuotaSettings | None:
         if v is None:

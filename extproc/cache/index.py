@@ -41,6 +41,7 @@ class _Partition:
 
 class LocalIndex:
     def __init__(self) -> None:
+        faiss.omp_set_num_threads(1)  # searches run on the event loop; OpenMP's spinning threads would steal its core
         self._parts: dict[str, _Partition] = {}
         self._where: dict[str, tuple[str, int]] = {}  # entry id -> (scope, faiss id)
         self._next = 1

@@ -35,8 +35,9 @@ def _s(v: Any) -> str:
 
 class RedisCacheStore:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "tollgate", clock: Clock = time.time,
-                 stream_max: int = 1_000_000) -> None:
-        self.r = client
+                 stream_max: int = 1_000_000, stream_client: aioredis.Redis | None = None) -> None:
+        self.r = client  # the request path's: short timeouts
+        self.tail = stream_client or client  # reads of the insert stream: blocking, and large at start
         self.k = f"{{{prefix}:cache}}"
         self.clock = clock
         self.stream_max = stream_max
@@ -80,7 +81,7 @@ class RedisCacheStore:
         return victims
 
     async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Entry | str]]:
-        got = await self.r.xread({f"{self.k}:inserts": after}, count=5000, block=block_ms or None)
+        got = await self.tail.xread({f"{self.k}:inserts": after}, count=5000, block=block_ms or None)
         out: list[Entry | str] = []
         last = after
         for _stream, records in got or []:
@@ -133,3 +134,5 @@ class RedisCacheStore:
 
     async def close(self) -> None:
         await self.r.aclose()
+        if self.tail is not self.r:
+            await self.tail.aclose()

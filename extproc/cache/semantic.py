@@ -59,9 +59,9 @@ class SemanticCache:
             return Decision("hit_exact", 1.0, entry=entry)
         if vector is None:
             return Decision("miss", None, "exact_only")
-        return await self._nearest(plan, vector, threshold)
+        return await self.nearest(plan, vector, threshold)
 
-    async def _nearest(self, plan: Plan, vector: np.ndarray, threshold: float) -> Decision:
+    async def nearest(self, plan: Plan, vector: np.ndarray, threshold: float) -> Decision:
         candidates = self.index.search(plan.scope, vector, CANDIDATES)
         if not candidates:
             return Decision("miss", None, "no_candidate")

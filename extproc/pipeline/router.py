@@ -54,7 +54,7 @@ ENDPOINTS = {
 
 
 class RouterExchange:
-    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer")
+    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer", "cache_control")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -64,6 +64,7 @@ class RouterExchange:
         self.started = time.monotonic()
         self.identity: Identity | None = None
         self.answer = Answer(gw)
+        self.cache_control = ""  # the client's Cache-Control (no-cache / no-store), for the cache stage
 
     def on_request_headers(
         self, req: messages.ProcessingRequest
@@ -102,6 +103,7 @@ class RouterExchange:
         if eos:
             raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
         self.endpoint = endpoint
+        self.cache_control = headers.get("cache-control", "")
         drop = [k for k in headers if k.startswith(INTERNAL_PREFIX) or k in INBOUND_CREDENTIAL_HEADERS]
         # This request will be routed: read its answer (see the module docstring).
         return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
@@ -128,9 +130,19 @@ class RouterExchange:
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         gw.exchanges.add(ex)  # holds one reference until this stream closes
+        if gw.cache is not None:  # a hit is answered here: never admitted, never charged
+            return self._cache_then_admit(ex)
         if gw.governor is not None:
             return self._admit_then_route(ex)
         return self._route(ex)
+
+    async def _cache_then_admit(self, ex: Exchange) -> messages.ProcessingResponse:
+        assert self.gw.cache is not None
+        hit = await self.gw.cache.lookup(ex, self.cache_control)
+        if hit is not None:
+            return hit
+        resp = self._admit_then_route(ex) if self.gw.governor is not None else self._route(ex)
+        return resp if isinstance(resp, messages.ProcessingResponse) else await resp
 
     async def _admit_then_route(self, ex: Exchange) -> messages.ProcessingResponse:
         gw = self.gw
