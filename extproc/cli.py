@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
+from extproc.cache import commands as cache_commands
 from extproc.config import ConfigError, load_config
 from extproc.quota import commands as quota_commands
 
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     inj.add_argument("--native-sidecars", action="store_true", help="use init-container sidecars (Kubernetes 1.29+)")
     add_parsers(sub)
     quota_commands.add_parsers(sub)
+    cache_commands.add_parsers(sub)
     return p
 
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return dev_token_command(cfg, args)
     if args.command == "spend":
         return quota_commands.spend_command(cfg, args)
+    if args.command == "cache":
+        return cache_commands.cache_command(cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
     from extproc.telemetry.logs import setup_logging

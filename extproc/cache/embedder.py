@@ -84,7 +84,7 @@ class Embedder:
 
     dimension = DIMENSION
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, blas_threads: int | None = 1) -> None:
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -103,7 +103,8 @@ class Embedder:
         tok.no_padding()
         tok.enable_truncation(MAX_TOKENS)
         self.tokenizer = tok
-        threadpool_limits(limits=1, user_api="blas")  # see the module docstring
+        if blas_threads is not None:  # the gateway: 1 (see the module docstring); batch scoring: all cores
+            threadpool_limits(limits=blas_threads, user_api="blas")
 
     def embed(self, texts: Sequence[str], batch: int = 32) -> np.ndarray:
         """Unit vectors, one row per text; texts are batched by length so padding stays small."""
