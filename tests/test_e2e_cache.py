@@ -16,12 +16,14 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from extproc.auth.devtoken import mint_dev_token
 from extproc.config import load_config
@@ -291,3 +293,28 @@ def test_a_saturated_embedder_bypasses_the_lookup_and_never_delays_into_a_timeou
     assert len(results) == 16 and set(results) <= {"miss", "bypass"}
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{world.gws[0].metrics_port}/metrics", timeout=5).read().decode()
     assert 'tollgate_cache_bypass_total{alias="chat",reason="saturated"}' in metrics
+
+
+def test_the_embedded_default_caches_the_demo_model(gateway):
+    """What a newcomer sees with `make run`: the same question twice is an exact hit, a paraphrase a semantic one."""
+    default = yaml.safe_load(resources.files("extproc").joinpath("default_config.yaml").read_text())
+    gw = gateway(default, env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""})
+    c = openai.OpenAI(base_url=gw.base_url, api_key="anything", max_retries=0, timeout=30)
+    first, h = ask_model(c, "demo", "How do I reset my password?")
+    assert h["x-tollgate-cache"] in ("miss", "bypass")  # bypass: the lookup ran out of its 25 ms on a busy machine
+    deadline = time.monotonic() + 5
+    while (h := ask_model(c, "demo", "How do I reset my password?")[1])["x-tollgate-cache"] == "miss":
+        assert time.monotonic() < deadline, "the answer was never stored"
+        time.sleep(0.05)
+    assert h["x-tollgate-cache"] == "hit-exact"
+    for _ in range(5):  # a lookup over its budget on a busy machine is a bypass, by design: ask again
+        again, h = ask_model(c, "demo", "What's the way to reset my password?")
+        if h["x-tollgate-cache"] != "bypass":
+            break
+    assert h["x-tollgate-cache"] == "hit-semantic" and again == first
+    assert ask_model(c, "demo", "How do I reset my PIN?")[1]["x-tollgate-cache"] in ("miss", "bypass")
+
+
+def ask_model(c: openai.OpenAI, model: str, text: str) -> tuple[str, dict[str, str]]:
+    raw = c.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}])
+    return raw.parse().choices[0].message.content or "", dict(raw.headers)

@@ -3,7 +3,7 @@
 Keys (all under one hash tag, so Redis Cluster keeps them in one slot and a
 put is one MULTI/EXEC)::
 
-    {P:cache}:e:<id>      hash: scope, exact, prompt, vector (384 float32), answer, created, expires; PEXPIREAT
+    {P:cache}:e:<id>      hash: scope, exact, prompt, vector (384 float32), answer, created, expires; PEXPIRE
     {P:cache}:x:<exact>   the id of the entry stored under that exact key; same expiry
     {P:cache}:ns:<ns>     sorted set of the namespace's ids by creation time (eviction, stats)
     {P:cache}:inserts     stream: one record per put (id + the entry's fields) or clear
@@ -59,12 +59,12 @@ class RedisCacheStore:
     async def put(self, entry: Entry, *, max_entries: int) -> list[str]:
         ns, _ = scope_parts(entry.scope)
         zkey = f"{self.k}:ns:{ns}"
-        at_ms = int(entry.expires * 1000)
+        ttl_ms = max(1, int((entry.expires - self.clock()) * 1000))  # relative: Redis's clock may differ
         fields = entry.fields()
         async with self.r.pipeline(transaction=True) as p:
             p.hset(self._entry_key(entry.id), mapping=fields)
-            p.pexpireat(self._entry_key(entry.id), at_ms)
-            p.set(f"{self.k}:x:{entry.exact}", entry.id, pxat=at_ms)
+            p.pexpire(self._entry_key(entry.id), ttl_ms)
+            p.set(f"{self.k}:x:{entry.exact}", entry.id, px=ttl_ms)
             p.zadd(zkey, {entry.id: entry.created})
             p.zremrangebyscore(zkey, "-inf", f"({self.clock() - 31 * 86400}")  # long expired ids
             p.xadd(f"{self.k}:inserts", {"id": entry.id, **fields}, maxlen=self.stream_max, approximate=True)

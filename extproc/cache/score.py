@@ -159,7 +159,8 @@ def run(pairs: list[Pair], embedder: Embedder | None, *, threshold: float, seman
 def tallies(results: list[tuple[Pair, Decision]]) -> dict[str, Tally]:
     out = {"all": Tally()}
     for pair, d in results:
-        out["all"].add(pair.label, d.result)
+        label = None if pair.error else pair.label  # a line that is no pair counts in no metric
+        out["all"].add(label, d.result)
         if pair.source:
-            out.setdefault(pair.source, Tally()).add(pair.label, d.result)
+            out.setdefault(pair.source, Tally()).add(label, d.result)
     return out
