@@ -5,8 +5,9 @@ compared, so each scope has its own ``IndexFlatIP`` over unit vectors (inner
 product = cosine): a search never looks at, and can never return, another
 team's or another conversation's entry. Flat indexes are exact (no recall lost
 to approximation) and a search over 100k vectors of 384 floats stays within a
-couple of milliseconds (``make bench``). The guard features of each prompt are
-computed once, when it is added.
+few milliseconds on an idle core (``make bench``). The guard features of a
+stored prompt are computed the first time it is a candidate, not when it is
+added, so rebuilding 100k entries costs FAISS adds, not 100k regex passes.
 
 The index holds no answers: a candidate's answer is read from the store, which
 is the authority (an entry gone from it - expired, evicted, cleared - is
@@ -26,17 +27,39 @@ from extproc.cache.keys import scope_parts
 
 
 @dataclass(slots=True)
+class _Meta:
+    entry_id: str
+    prompt: str
+    expires: float
+    features: Features | None = None  # computed when first needed
+
+
+@dataclass(slots=True)
 class Candidate:
     similarity: float
-    entry_id: str
-    features: Features
-    expires: float
+    meta: _Meta
+
+    @property
+    def entry_id(self) -> str:
+        return self.meta.entry_id
+
+    @property
+    def expires(self) -> float:
+        return self.meta.expires
+
+    @property
+    def features(self) -> Features:
+        """The stored prompt's guard features, computed once, when a candidate is first checked."""
+        m = self.meta
+        if m.features is None:
+            m.features = features(m.prompt)
+        return m.features
 
 
 @dataclass
 class _Partition:
     index: faiss.IndexIDMap2 = field(default_factory=lambda: faiss.IndexIDMap2(faiss.IndexFlatIP(DIMENSION)))
-    meta: dict[int, tuple[str, Features, float]] = field(default_factory=dict)
+    meta: dict[int, _Meta] = field(default_factory=dict)
 
 
 class LocalIndex:
@@ -61,7 +84,7 @@ class LocalIndex:
         fid = self._next
         self._next += 1
         part.index.add_with_ids(vector.reshape(1, DIMENSION).astype(np.float32), np.array([fid], dtype=np.int64))
-        part.meta[fid] = (entry_id, features(prompt), expires)
+        part.meta[fid] = _Meta(entry_id, prompt, expires)
         self._where[entry_id] = (scope, fid)
 
     def add_many(self, rows: list[tuple[str, str, str, np.ndarray, float]]) -> None:
@@ -78,7 +101,7 @@ class LocalIndex:
             self._next += len(items)
             part.index.add_with_ids(np.stack([v for _, _, v, _ in items]).astype(np.float32), ids)
             for fid, (entry_id, prompt, _, expires) in zip(ids.tolist(), items):
-                part.meta[fid] = (entry_id, features(prompt), expires)
+                part.meta[fid] = _Meta(entry_id, prompt, expires)
                 self._where[entry_id] = (scope, fid)
 
     def search(self, scope: str, vector: np.ndarray, k: int = 4) -> list[Candidate]:
@@ -90,8 +113,7 @@ class LocalIndex:
         for sim, fid in zip(sims[0].tolist(), ids[0].tolist()):
             if fid < 0:
                 continue
-            entry_id, feats, expires = part.meta[fid]
-            out.append(Candidate(float(sim), entry_id, feats, expires))
+            out.append(Candidate(float(sim), part.meta[fid]))
         return out
 
     def remove(self, entry_id: str) -> None:
@@ -112,8 +134,8 @@ class LocalIndex:
             ns, a = scope_parts(scope)
             if ns == namespace and (alias is None or a == alias):
                 part = self._parts.pop(scope)
-                for entry_id, _, _ in part.meta.values():
-                    self._where.pop(entry_id, None)
+                for m in part.meta.values():
+                    self._where.pop(m.entry_id, None)
                 gone += len(part.meta)
         return gone
 
