@@ -101,7 +101,7 @@ def _score(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         if args.pairs == "-":
             lines = sys.stdin.read().splitlines()
         else:
-            with open(args.pairs, encoding="utf-8", errors="replace") as f:
+            with open(args.pairs, encoding="utf-8-sig", errors="replace") as f:  # a BOM is no part of line 1
                 lines = f.read().splitlines()
     except OSError as e:
         print(f"tollgate: --pairs: {e}", file=sys.stderr)

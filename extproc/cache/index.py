@@ -16,6 +16,7 @@ dropped here when a search meets it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -87,7 +88,7 @@ class LocalIndex:
         part.meta[fid] = _Meta(entry_id, prompt, expires)
         self._where[entry_id] = (scope, fid)
 
-    def add_many(self, rows: list[tuple[str, str, str, np.ndarray, float]]) -> None:
+    def add_many(self, rows: Sequence[tuple[str, str, str, np.ndarray, float]]) -> None:
         """Rebuild path: (entry id, scope, prompt, vector, expires) rows, added per scope in one call each."""
         by_scope: dict[str, list[tuple[str, str, np.ndarray, float]]] = {}
         for entry_id, scope, prompt, vector, expires in rows:

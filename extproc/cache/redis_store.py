@@ -6,15 +6,17 @@ put is one MULTI/EXEC)::
     {P:cache}:e:<id>      hash: scope, exact, prompt, vector (384 float32), answer, created, expires; PEXPIRE
     {P:cache}:x:<exact>   the id of the entry stored under that exact key; same expiry
     {P:cache}:ns:<ns>     sorted set of the namespace's ids by creation time (eviction, stats)
-    {P:cache}:inserts     stream: one record per put (id + the entry's fields) or clear
+    {P:cache}:inserts     stream: per put with a vector, what an index needs (id, scope, prompt, vector,
+                          expires; not the answer); per clear, the namespace and alias
 
 Every sidecar tails the stream (XREAD BLOCK) into its FAISS index, so an
 entry put by one is searchable on all within a poll (well under a second);
 at start a sidecar replays the stream from the beginning. The stream is
 capped (approximately) at ``stream_max`` records; an entry trimmed from it is
 still served by exact key, and by similarity on sidecars that saw it.
-Memory per entry in Redis: the vector (1,536 bytes) twice (hash and stream),
-the prompt and the answer twice, and ~200 bytes of keys and bookkeeping.
+Memory per entry in Redis: the vector (1,536 bytes) and the prompt twice (hash
+and stream), the answer once, and a few hundred bytes of keys and bookkeeping
+(``make bench`` measures it).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import redis.asyncio as aioredis
 
 from extproc.cache.entry import Entry
 from extproc.cache.keys import scope_parts
-from extproc.cache.store import Clock
+from extproc.cache.store import Clock, Insert
 
 
 def _s(v: Any) -> str:
@@ -67,7 +70,10 @@ class RedisCacheStore:
             p.set(f"{self.k}:x:{entry.exact}", entry.id, px=ttl_ms)
             p.zadd(zkey, {entry.id: entry.created})
             p.zremrangebyscore(zkey, "-inf", f"({self.clock() - 31 * 86400}")  # long expired ids
-            p.xadd(f"{self.k}:inserts", {"id": entry.id, **fields}, maxlen=self.stream_max, approximate=True)
+            if entry.vector is not None:  # an exact-only entry is found by its key; no index needs it
+                p.xadd(f"{self.k}:inserts", {"id": entry.id, "scope": entry.scope, "prompt": entry.prompt,
+                                             "vector": fields["vector"], "expires": fields["expires"]},
+                       maxlen=self.stream_max, approximate=True)
             p.zcard(zkey)
             *_, size = await p.execute()
         if size <= max_entries:
@@ -80,19 +86,19 @@ class RedisCacheStore:
                 await p.execute()
         return victims
 
-    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Entry | str]]:
+    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Insert | str]]:
         got = await self.tail.xread({f"{self.k}:inserts": after}, count=5000, block=block_ms or None)
-        out: list[Entry | str] = []
+        out: list[Insert | str] = []
         last = after
         for _stream, records in got or []:
-            for rid, raw in records:
-                last = _s(rid)
-                d = {_s(k): v for k, v in raw.items()}
-                if "clear" in d:
-                    out.append(f"clear:{_s(d['clear'])}")
-                elif "id" in d:
-                    out.append(Entry.from_fields(_s(d.pop("id")), d))
-        return last, out
+            for rid, d in records:
+                last = rid
+                if b"clear" in d:
+                    out.append(f"clear:{_s(d[b'clear'])}")
+                elif b"vector" in d:
+                    out.append(Insert(_s(d[b"id"]), _s(d[b"scope"]), _s(d[b"prompt"]),
+                                      np.frombuffer(d[b"vector"], dtype=np.float32), float(d[b"expires"])))
+        return _s(last), out
 
     async def clear(self, namespace: str, alias: str | None = None) -> int:
         zkey = f"{self.k}:ns:{namespace}"

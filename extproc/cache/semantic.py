@@ -110,8 +110,8 @@ class SemanticCache:
                 _, ns, alias = rec.split(":", 2)
                 self.index.drop(ns, alias or None)
                 continue
-            if rec.vector is not None and rec.expires > now:
-                rows.append((rec.id, rec.scope, rec.prompt, rec.vector, rec.expires))
+            if rec.expires > now:
+                rows.append(rec)
         if rows:
             self.index.add_many(rows)
         return len(records)

@@ -12,12 +12,24 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from extproc.cache.entry import Entry
 from extproc.cache.keys import scope_parts
 
 Clock = Callable[[], float]
+
+
+class Insert(NamedTuple):
+    """What the index needs of an entry another sidecar stored (its answer stays in the store)."""
+
+    entry_id: str
+    scope: str
+    prompt: str
+    vector: np.ndarray
+    expires: float
 
 
 class CacheStore(Protocol):
@@ -28,8 +40,8 @@ class CacheStore(Protocol):
     async def put(self, entry: Entry, *, max_entries: int) -> list[str]:
         """Store ``entry``; the ids evicted from its namespace to stay within ``max_entries``."""
 
-    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Entry | str]]:
-        """Entries stored after position ``after`` ("0": all), and cleared namespaces as ``"clear:NS:ALIAS"``."""
+    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Insert | str]]:
+        """Entries stored with a vector after position ``after`` ("0": all), and clears as ``"clear:NS:ALIAS"``."""
 
     async def clear(self, namespace: str, alias: str | None = None) -> int: ...
 
@@ -86,7 +98,7 @@ class MemoryCacheStore:
             evicted.append(oldest)
         return evicted
 
-    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Entry | str]]:
+    async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Insert | str]]:
         return after, []
 
     async def clear(self, namespace: str, alias: str | None = None) -> int:
