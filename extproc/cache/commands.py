@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -14,8 +13,8 @@ from extproc.cache.build import open_store
 from extproc.cache.embedder import Embedder
 from extproc.cache.score import read_pairs, run, tallies
 from extproc.cache.settings import DEFAULT_THRESHOLD
-from extproc.config import GatewayConfig
-from extproc.credentials.vault import secret_reader
+from extproc.config import GatewayConfig, environment
+from extproc.credentials.secrets import redis_password
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,7 +44,7 @@ def cache_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         print("tollgate: without redis: the cache lives inside each gateway process; see its "
               "tollgate_cache_entries metric (restarting the gateway empties it)", file=sys.stderr)
         return 2
-    password = secret_reader(cfg.redis.password, dict(os.environ))() if cfg.redis and cfg.redis.password else None
+    password = redis_password(cfg.redis, environment())
     try:
         return asyncio.run(_stats(c, password, args) if args.cache_command == "stats" else _clear(c, password, args))
     except Exception as e:  # noqa: BLE001 - redis-py's errors: Redis is down or refuses

@@ -70,7 +70,7 @@ _OPPOSITES = [
     ("import", "export"), ("sunrise", "sunset"), ("morning", "evening"), ("rich", "poor"), ("light", "dark"),
     ("young", "old"), ("long", "short"), ("tall", "short"), ("big", "small"), ("large", "small"),
 ]
-OPPOSITE = {}
+OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in _OPPOSITES:
     OPPOSITE.setdefault(_a, set()).add(_b)
     OPPOSITE.setdefault(_b, set()).add(_a)

@@ -123,7 +123,7 @@ class LocalIndex:
             return
         scope, fid = where
         part = self._parts[scope]
-        part.index.remove_ids(np.array([fid], dtype=np.int64))
+        part.index.remove_ids(np.array([fid], dtype=np.int64))  # type: ignore[arg-type]  # SWIG converts
         part.meta.pop(fid, None)
         if not part.meta:
             del self._parts[scope]

@@ -65,7 +65,7 @@ class RedisCacheStore:
         ttl_ms = max(1, int((entry.expires - self.clock()) * 1000))  # relative: Redis's clock may differ
         fields = entry.fields()
         async with self.r.pipeline(transaction=True) as p:
-            p.hset(self._entry_key(entry.id), mapping=fields)
+            p.hset(self._entry_key(entry.id), mapping=fields)  # type: ignore[arg-type]  # str and bytes values
             p.pexpire(self._entry_key(entry.id), ttl_ms)
             p.set(f"{self.k}:x:{entry.exact}", entry.id, px=ttl_ms)
             p.zadd(zkey, {entry.id: entry.created})
@@ -87,7 +87,7 @@ class RedisCacheStore:
         return victims
 
     async def inserts(self, after: str, *, block_ms: int = 0) -> tuple[str, list[Insert | str]]:
-        got = await self.tail.xread({f"{self.k}:inserts": after}, count=5000, block=block_ms or None)
+        got: Any = await self.tail.xread({f"{self.k}:inserts": after}, count=5000, block=block_ms or None)
         out: list[Insert | str] = []
         last = after
         for _stream, records in got or []:

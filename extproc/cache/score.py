@@ -61,8 +61,11 @@ def read_pairs(lines: Iterable[str]) -> list[Pair]:
             continue
         try:
             d = json.loads(text)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             out.append(Pair(n, None, None, None, None, error=f"not JSON ({e.msg})"))
+            continue
+        except RecursionError:
+            out.append(Pair(n, None, None, None, None, error="not JSON (nested too deeply)"))
             continue
         if not isinstance(d, dict):
             out.append(Pair(n, None, None, None, None, error="not a JSON object"))

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +41,15 @@ from extproc.quota.ledger import Ledger, UsageRecord
 log = logging.getLogger("tollgate.cache")
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+
+
+class _HasCache(Protocol):
+    cache: CacheStage | None
+
+
+def cache_stage(rt: _HasCache) -> Callable[[Exchange], Coroutine[Any, Any, Any]] | None:
+    """The router's cache stage (see ``pipeline.router.build_stages``); None without a cache section."""
+    return rt.cache.lookup if rt.cache is not None else None
 DEFAULT_NAMESPACE = "_default"  # callers without a team (auth mode none)
 
 
@@ -104,8 +113,9 @@ class CacheStage:
     def namespace(self, team: str | None) -> str:
         return "shared" if self.settings.namespace == "shared" else (team or DEFAULT_NAMESPACE)
 
-    async def lookup(self, ex: Exchange, cache_control: str = "") -> messages.ProcessingResponse | None:
+    async def lookup(self, ex: Exchange) -> messages.ProcessingResponse | None:
         """An ImmediateResponse for a hit; None to go on (``ex.cache`` says miss or bypass)."""
+        cache_control = ex.cache_control
         cfg = self.settings.for_alias(ex.alias)
         if cfg.mode == "off" or ex.endpoint != "chat":
             return self._bypass(ex, "mode_off" if cfg.mode == "off" else "endpoint")
@@ -144,7 +154,8 @@ class CacheStage:
         self.metrics.nearest(p.alias, d.similarity)
         return d
 
-    def _bypass(self, ex: Exchange, reason: str) -> None:
+    def _bypass(self, ex: Exchange, reason: str) -> messages.ProcessingResponse | None:
+        """Go on without the cache (counted by reason)."""
         ex.cache = "bypass"
         self.metrics.skipped(ex.alias, reason)
         return None

@@ -52,6 +52,7 @@ class Exchange:
     holders: int = 1  # the gateway stream, plus each fallback attempt's stream while it runs
     cache: str = "bypass"  # response cache result: hit_exact | hit_semantic | miss | bypass
     cache_state: Any = None  # extproc.cache.stage.CacheState while the cache follows this exchange
+    cache_control: str = ""  # the client's Cache-Control header: no-cache skips the lookup, no-store the store
     cost_usd: float = 0.0
     upstream_sent_at: float | None = None  # the latest attempt's request left Tollgate
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers

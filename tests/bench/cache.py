@@ -26,7 +26,6 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
