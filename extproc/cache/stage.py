@@ -1,7 +1,8 @@
 """The cache on the data path: look up before admission, store when the answer is complete.
 
-The router stage calls ``lookup`` once the caller, the alias and the body are
-checked, before quota admission: a hit becomes an ImmediateResponse (the
+``lookup`` is a stage of the router's list (``cache_stage``, right before the
+quota stage), so it runs once the caller, the alias and the body are checked
+and before admission: a hit becomes an ImmediateResponse (the
 provider is never asked, no quota is held, the ledger records the saving); a
 miss or a bypass lets the request go on, carrying a ``CacheState`` on its
 exchange. The answer stage then feeds what reaches the client to ``seen``, and
@@ -50,6 +51,8 @@ class _HasCache(Protocol):
 def cache_stage(rt: _HasCache) -> Callable[[Exchange], Coroutine[Any, Any, Any]] | None:
     """The router's cache stage (see ``pipeline.router.build_stages``); None without a cache section."""
     return rt.cache.lookup if rt.cache is not None else None
+
+
 DEFAULT_NAMESPACE = "_default"  # callers without a team (auth mode none)
 
 
