@@ -51,7 +51,7 @@ class Answer:
         headers = messages.headers_of(req.response_headers)
         status = int(headers.get(":status", "0") or 0)
         self.status = ex.status = status
-        out = {"x-request-id": ex.request_id, "x-tollgate-cache": ex.cache.replace("_", "-")}
+        out = {"x-request-id": ex.request_id}
         if ex.admission is not None:
             out.update(ex.admission.headers())
         tag = parse_target_tag(headers.get(TARGET_HEADER, ""))
@@ -68,6 +68,7 @@ class Answer:
         if status >= 500 or status == 429:
             self.gw.metrics.upstream_error(provider.name, status)
         out.update({
+            "x-tollgate-cache": ex.cache.replace("_", "-"),  # a target answered: the lookup missed or bypassed
             "x-tollgate-provider": provider.name,
             "x-tollgate-model": target.model,
             "x-tollgate-attempts": str(ex.attempts),
