@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tollgate: {e}", file=sys.stderr)
         return 2
     if args.command == "render-envoy":
-        from extproc.envoy_config import render_yaml
+        from extproc.control.envoy_config import render_yaml
 
         sys.stdout.write(render_yaml(cfg, demo_socket=args.demo_socket))
         return 0
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return quota_commands.spend_command(cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
-    from extproc.logs import setup_logging
-    from extproc.supervisor import serve, use_uvloop
+    from extproc.telemetry.logs import setup_logging
+    from extproc.control.supervisor import serve, use_uvloop
 
     listener = setup_logging()
     use_uvloop()
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inject(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from extproc.inject import InjectError, InjectOptions, check_config, inject_yaml
+    from extproc.kube.inject import InjectError, InjectOptions, check_config, inject_yaml
 
     given = {
         "image": args.image,
@@ -107,8 +107,8 @@ def _inject(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-de
 
 
 def _validate(cfg) -> int:  # type: ignore[no-untyped-def]
-    from extproc.envoy_config import render, render_yaml, typed_check
-    from extproc.supervisor import find_envoy
+    from extproc.control.envoy_config import render, render_yaml, typed_check
+    from extproc.control.supervisor import find_envoy
 
     try:
         typed_check(render(cfg, demo_socket="/tmp/tollgate-demo.sock"))

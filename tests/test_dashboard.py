@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import parse_config
-from extproc.metrics import Metrics
+from extproc.telemetry.metrics import Metrics
 from tests.conftest import providers_for
 from tests.fake_provider import Behaviour
 

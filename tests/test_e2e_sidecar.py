@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from extproc.config import parse_config
-from extproc.envoy_config import render_yaml
-from extproc.inject import (
+from extproc.control.envoy_config import render_yaml
+from extproc.kube.inject import (
     CONFIG_DIR,
     ENVOY_CONTAINER,
     EXTPROC_CONTAINER,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.envoy_config import render, render_yaml
+from extproc.control.envoy_config import render, render_yaml
 from tests.conftest import ANTHROPIC_KEY, AZURE_KEY, OPENAI_KEY, providers_for
 from tests.harness import ENVOY
 
@@ -90,7 +90,7 @@ def test_no_credential_appears_in_envoys_config_dump(gateway, fake_openai, fake_
 
 
 def test_the_rendered_config_reads_into_envoys_typed_messages():
-    from extproc.envoy_config import typed_check
+    from extproc.control.envoy_config import typed_check
 
     boot = yaml.safe_load((ENVOY_DIR / "envoy.example.yaml").read_text())
     typed_check(boot)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from extproc.config import load_config, parse_config
-from extproc.envoy_config import render_yaml
-from extproc.inject import (
+from extproc.control.envoy_config import render_yaml
+from extproc.kube.inject import (
     DEFAULT_CONTAINER,
     ENVOY_CONTAINER,
     EXTPROC_CONTAINER,
@@ -43,7 +43,7 @@ K8S = ROOT / "k8s"
 EXAMPLES = K8S / "examples"
 OURS = (EXTPROC_CONTAINER, ENVOY_CONTAINER)
 K8S_VERSIONS = ("1.29", "1.37")  # 1.29: native sidecars (used for Jobs) are on by default from here
-GENERATED = "# Generated from {src} by extproc.inject (`python -m tests.test_inject` rewrites it); do not edit.\n"
+GENERATED = "# Generated from {src} by extproc.kube.inject (`python -m tests.test_inject` rewrites it); do not edit.\n"
 
 
 # --------------------------------------------------------------------------- the generated examples
@@ -291,7 +291,7 @@ def test_probes_and_hooks_run_inside_the_pod_against_the_configured_ports():
     c = sidecars(one(deployment(), opts))
     ext, envoy = probe_commands(c[EXTPROC_CONTAINER]), probe_commands(c[ENVOY_CONTAINER])
     for commands in (ext, envoy):
-        assert all(cmd[:3] == ["python", "-m", "extproc.probe"] for cmd in commands.values())
+        assert all(cmd[:3] == ["python", "-m", "extproc.kube.probe"] for cmd in commands.values())
         assert commands["preStop"][3:] == ["wait-idle", "--admin", "127.0.0.1:19901", "--min-wait", "5",
                                            "--max-wait", "300"]
     assert ext["readinessProbe"][3:] == ["extproc", "--target", "127.0.0.1:15051"]

@@ -15,7 +15,7 @@ from extproc.auth.policy import AccessPolicy
 from extproc.auth.token_cache import VerifiedTokens
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
 from extproc.config import ConfigError, GatewayConfig, Issuer
-from extproc.credentials import secret_reader
+from extproc.credentials.vault import secret_reader
 
 
 def wait_budget(cfg: GatewayConfig) -> float:

@@ -10,7 +10,7 @@ import time
 from datetime import UTC, datetime
 
 from extproc.config import GatewayConfig
-from extproc.credentials import secret_reader
+from extproc.credentials.vault import secret_reader
 from extproc.quota.ledger import GROUPS, Totals, format_totals, open_ledger, parse_since, totals
 from extproc.quota.store import QuotaUnavailable
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from extproc.auth.azure_ad import AzureAdToken
+from extproc.credentials.azure_ad import AzureAdToken
 from extproc.config import AzureAd, ModelAlias, Provider, SecretRef, Target
-from extproc.credentials import CredentialVault, secret_reader
+from extproc.credentials.vault import CredentialVault, secret_reader
 from extproc.errors import UpstreamError
 from tests.fake_idp import FakeIdP
 from tests.harness import free_port

@@ -48,7 +48,7 @@ ROUTE_HEADER = "x-tollgate-route"
 def _answer(role: str, variant: str, req: Any, authority: str, key: str, alias: str) -> Any:
     from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 
-    from extproc import messages
+    from extproc.pipeline import messages
 
     mode = processing_mode_pb2.ProcessingMode
     phase = req.WhichOneof("request")
@@ -102,7 +102,7 @@ def serve(stack: str, variant: str, port: int, authority: str, alias: str) -> No
         from grpclib.const import Cardinality, Handler
         from grpclib.server import Server
 
-        from extproc import messages
+        from extproc.pipeline import messages
 
         class Noop:
             async def process(self, stream: Any) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Limits
-from extproc.envoy_config import HCM_SETTINGS, circuit_breakers
+from extproc.control.envoy_config import HCM_SETTINGS, circuit_breakers
 from tests.harness import ENVOY, Gateway, free_port, wait_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ def start_fake(tmp: Path, name: str, extra: list[str]) -> tuple[subprocess.Popen
 def plain_envoy_bootstrap(admin_port: int, routes: list[tuple[str, int, int]]) -> dict[str, Any]:
     """Envoy with no ext_proc: one listener per (name, listen port, upstream port), each
     a catch-all route to its one upstream. Limits and timeouts follow the rendered gateway
-    config (extproc/envoy_config.py) so that only the ext_proc filters differ."""
+    config (extproc/control/envoy_config.py) so that only the ext_proc filters differ."""
     t = "type.googleapis.com/"
     breakers = circuit_breakers()
     listeners, clusters = [], []

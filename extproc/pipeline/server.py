@@ -22,11 +22,11 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import messages
-from extproc.app import Gateway
-from extproc.attempt import AttemptExchange
+from extproc.pipeline import messages
+from extproc.pipeline.runtime import Runtime
+from extproc.pipeline.attempt import AttemptExchange
 from extproc.errors import GatewayError, Internal
-from extproc.gateway import GatewayExchange
+from extproc.pipeline.router import RouterExchange
 
 log = logging.getLogger("tollgate.server")
 
@@ -34,7 +34,7 @@ FILTER_METADATA_KEY = "x-tollgate-filter"
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Runtime) -> None:
         self.gw = gw
         self.active = 0
 
@@ -45,8 +45,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         for key, value in context.invocation_metadata() or ():
             if key == FILTER_METADATA_KEY:
                 role = value
-        ex: GatewayExchange | AttemptExchange = (
-            AttemptExchange(self.gw) if role == "attempt" else GatewayExchange(self.gw)
+        ex: RouterExchange | AttemptExchange = (
+            AttemptExchange(self.gw) if role == "attempt" else RouterExchange(self.gw)
         )
         self.active += 1
         try:
@@ -77,22 +77,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.active -= 1
             ex.close()
 
-    def _note_error(self, ex: GatewayExchange | AttemptExchange, err: GatewayError) -> None:
+    def _note_error(self, ex: RouterExchange | AttemptExchange, err: GatewayError) -> None:
         log.info("request %s refused: %s %s", _rid(ex) or "-", err.status, err.code or err.type)
         exchange = ex.exchange
         if exchange is not None:
             exchange.status, exchange.error = err.status, err.code or err.type
-        elif isinstance(ex, GatewayExchange):
+        elif isinstance(ex, RouterExchange):
             self.gw.metrics.refused(err.status, err.code or err.type)
 
 
-def _rid(ex: GatewayExchange | AttemptExchange) -> str:
-    if isinstance(ex, GatewayExchange):
+def _rid(ex: RouterExchange | AttemptExchange) -> str:
+    if isinstance(ex, RouterExchange):
         return ex.request_id
     return ex.exchange.request_id if ex.exchange else ""
 
 
-def _request_id(ex: GatewayExchange | AttemptExchange) -> dict[str, str]:
+def _request_id(ex: RouterExchange | AttemptExchange) -> dict[str, str]:
     rid = _rid(ex)
     return {"x-request-id": rid} if rid else {}
 
@@ -107,7 +107,7 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(gw: Gateway) -> tuple[grpc.aio.Server, ExternalProcessor, health.HealthServicer]:
+async def start_server(gw: Runtime) -> tuple[grpc.aio.Server, ExternalProcessor, health.HealthServicer]:
     cfg = gw.config
     server = grpc.aio.server(options=grpc_options(2 * cfg.limits.max_request_bytes + (1 << 20)))
     processor = ExternalProcessor(gw)

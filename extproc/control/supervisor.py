@@ -21,10 +21,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.app import build_gateway
+from extproc.pipeline.runtime import build_runtime
 from extproc.config import GatewayConfig
-from extproc.envoy_config import render_yaml
-from extproc.server import drain, install_signal_handlers, start_server
+from extproc.control.envoy_config import render_yaml
+from extproc.pipeline.server import drain, install_signal_handlers, start_server
 
 log = logging.getLogger("tollgate")
 
@@ -97,11 +97,11 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT; with ``with_envoy=False`` only the ext_proc side runs
     (Envoy runs elsewhere, e.g. as its own container in the pod)."""
-    gw = build_gateway(cfg)
+    gw = build_runtime(cfg)
     rt = prepare_runtime(cfg, runtime_dir)
     demo = None
     if rt.demo_socket:
-        from extproc.demo import start_demo
+        from extproc.providers.demo import start_demo
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rt.demo_socket)

@@ -13,7 +13,7 @@ ReplicaSet, ReplicationController, Job, CronJob or bare Pod gets:
   with provider keys (read-only, only in the ``tollgate`` container), an in-memory
   ``/run/tollgate`` shared by the two (the ext_proc unix socket: the app's own
   containers cannot reach it) and a writable ``/tmp``;
-* exec probes (see ``extproc/probe.py`` for why not httpGet/grpc), a postStart hook
+* exec probes (see ``extproc/kube/probe.py`` for why not httpGet/grpc), a postStart hook
   that holds the app's containers until the gateway is ready, a preStop hook that
   waits for in-flight requests and streams, and a grace period long enough for it;
 * Prometheus scrape annotations, ``tollgate.dev/injected: "true"``.
@@ -278,7 +278,7 @@ def _security_context() -> dict[str, Any]:
 
 
 def _hook(*args: str) -> dict[str, Any]:
-    return {"exec": {"command": ["python", "-m", "extproc.probe", *args]}}
+    return {"exec": {"command": ["python", "-m", "extproc.kube.probe", *args]}}
 
 
 def _probe(*args: str, period: int, delay: int = 0) -> dict[str, Any]:

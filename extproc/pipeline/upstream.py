@@ -18,10 +18,10 @@ import json
 import time
 from dataclasses import dataclass
 
-from extproc.app import Gateway
+from extproc.pipeline.runtime import Runtime
 from extproc.config import Provider
-from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
-from extproc.exchange import Exchange
+from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
+from extproc.pipeline.exchange import Exchange
 from extproc.providers.registry import make_translator
 
 ROUTE_HEADER = "x-tollgate-route"  # request: which alias's route (set by the router-level stage)
@@ -60,7 +60,7 @@ class Prepared:
     body: bytes | None  # None: the client's bytes go as they are
 
 
-def prepare(gw: Gateway, ex: Exchange, index: int) -> Prepared:
+def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     """Translate and authenticate ``ex`` for target ``index`` of its alias, and make it the current attempt.
 
     With quotas on, the admission's output cap goes into the body (a non-streamed

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from extproc.auth.azure_ad import AzureAdToken
+from extproc.credentials.azure_ad import AzureAdToken
 from extproc.config import ModelAlias, Provider, SecretRef
 from extproc.errors import UpstreamError
 

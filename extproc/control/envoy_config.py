@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 
 from extproc.config import Address, GatewayConfig, ModelAlias, Provider
-from extproc.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
-from extproc.server import FILTER_METADATA_KEY
-from extproc.upstream import (
+from extproc.pipeline.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
+from extproc.pipeline.server import FILTER_METADATA_KEY
+from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
     ROUTE_HEADER,

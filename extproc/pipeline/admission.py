@@ -4,7 +4,7 @@ The gateway stage calls ``admit`` once the request is parsed and its caller
 known; the hold it gets (an ``Admission``) rides on the exchange, where each
 preparation of a target reads its output cap (``upstream.prepare``), and the
 answer (``answer.py``) its ``x-ratelimit-*`` headers and the meter of a
-stream. When the last stream holding the exchange closes, ``Gateway.release``
+stream. When the last stream holding the exchange closes, ``Runtime.release``
 (app.py) schedules ``settle``, which bills what is known of the answer
 (``outcome_of``) exactly once.
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from extproc.errors import QuotaExceeded
-from extproc.exchange import Exchange
-from extproc.metrics import Metrics
+from extproc.pipeline.exchange import Exchange
+from extproc.telemetry.metrics import Metrics
 from extproc.quota.governor import Admission, Caller, Governor, Outcome
 from extproc.quota.ledger import UsageRecord
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from extproc.exchange import Exchange
+from extproc.pipeline.exchange import Exchange
 
 
 def access_record(ex: Exchange, now: float) -> str:

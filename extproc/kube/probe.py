@@ -1,4 +1,4 @@
-"""Probes and lifecycle hooks for the sidecar containers: ``python -m extproc.probe ...``.
+"""Probes and lifecycle hooks for the sidecar containers: ``python -m extproc.kube.probe ...``.
 
 Everything the gateway listens on in a pod stays private: Envoy's admin and the
 ext_proc server are on loopback or a unix socket, which the kubelet's own
@@ -144,7 +144,7 @@ def wait_idle(admin: str, *, min_wait: float, quiet: float, max_wait: float,
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extproc.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m extproc.kube.probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ext = sub.add_parser("extproc", help="is the ext_proc server serving?")
     ext.add_argument("--target", default=DEFAULT_EXTPROC, help="host:port or unix:PATH")

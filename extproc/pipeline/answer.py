@@ -24,14 +24,14 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeAlias
 
-from extproc import messages
-from extproc.app import Gateway
+from extproc.pipeline import messages
+from extproc.pipeline.runtime import Runtime
 from extproc.errors import GatewayError, QuotaExceeded
-from extproc.exchange import Exchange
+from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
 from extproc.quota.governor import Admission
-from extproc.upstream import TARGET_HEADER, parse_target_tag
+from extproc.pipeline.upstream import TARGET_HEADER, parse_target_tag
 
 Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingResponse, ...]"
 
@@ -39,7 +39,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 class Answer:
     __slots__ = ("gw", "translator", "streaming", "status", "cut")
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Runtime) -> None:
         self.gw = gw
         self.translator: Translator | None = None
         self.streaming = False

@@ -23,8 +23,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from extproc.config import Address, GatewayConfig
-from extproc.envoy_stats import FallbackReasons
-from extproc.exchange import Exchange
+from extproc.telemetry.envoy_stats import FallbackReasons
+from extproc.pipeline.exchange import Exchange
 from extproc.quota.limits import MICROS_PER_USD, LimitState
 
 OTHER = "other"

@@ -32,15 +32,17 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from extproc import messages, metering
-from extproc.answer import Answer, Reply
-from extproc.app import Gateway
+from extproc.pipeline import messages
+
+from extproc.pipeline import admission as metering
+from extproc.pipeline.answer import Answer, Reply
+from extproc.pipeline.runtime import Runtime
 from extproc.auth.identity import Identity
-from extproc.credentials import INBOUND_CREDENTIAL_HEADERS
+from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, MethodNotAllowed, NotFound, UpstreamError
-from extproc.exchange import Exchange
-from extproc.requests import check_chat, check_embeddings, parse_json, resolve_alias
-from extproc.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
+from extproc.pipeline.exchange import Exchange
+from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
+from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 
 INTERNAL_PREFIX = "x-tollgate-"
 
@@ -51,10 +53,10 @@ ENDPOINTS = {
 }
 
 
-class GatewayExchange:
+class RouterExchange:
     __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer")
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Runtime) -> None:
         self.gw = gw
         self.endpoint: str | None = None
         self.request_id = ""

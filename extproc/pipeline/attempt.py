@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import time
 
-from extproc import messages
-from extproc.app import Gateway
+from extproc.pipeline import messages
+from extproc.pipeline.runtime import Runtime
 from extproc.errors import Internal
-from extproc.exchange import Exchange
-from extproc.upstream import (
+from extproc.pipeline.exchange import Exchange
+from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
     ROUTE_HEADER,
@@ -36,7 +36,7 @@ from extproc.upstream import (
 class AttemptExchange:
     __slots__ = ("gw", "exchange", "body")
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Runtime) -> None:
         self.gw = gw
         self.exchange: Exchange | None = None
         self.body: bytes | None = None

@@ -10,14 +10,14 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.access_log import access_record
+from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig
-from extproc.credentials import CredentialVault, secret_reader
-from extproc.exchange import Exchange, Exchanges
-from extproc.metering import settle
-from extproc.metrics import Metrics
+from extproc.credentials.vault import CredentialVault, secret_reader
+from extproc.pipeline.exchange import Exchange, Exchanges
+from extproc.pipeline.admission import settle
+from extproc.telemetry.metrics import Metrics
 from extproc.providers.base import Usage
 from extproc.quota.calendar import zone
 from extproc.quota.governor import Governor
@@ -34,7 +34,7 @@ log = logging.getLogger("tollgate")
 
 
 @dataclass
-class Gateway:
+class Runtime:
     config: GatewayConfig
     vault: CredentialVault
     exchanges: Exchanges
@@ -101,11 +101,11 @@ class Gateway:
             await self.governor.ledger.close()
 
 
-def build_gateway(config: GatewayConfig, env: dict[str, str] | None = None) -> Gateway:
+def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> Runtime:
     env = dict(os.environ) if env is None else env
     quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
-    return Gateway(
+    return Runtime(
         config=config,
         vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
         exchanges=Exchanges(),

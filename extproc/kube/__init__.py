@@ -1,0 +1,1 @@
+"""Kubernetes: sidecar injection and the in-pod probes and lifecycle hooks."""
