@@ -11,6 +11,7 @@ import tempfile
 
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
 from extproc.config import ConfigError, load_config
+from extproc.guardrails import score as guardrails_score
 from extproc.quota import commands as quota_commands
 
 
@@ -40,12 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     inj.add_argument("--native-sidecars", action="store_true", help="use init-container sidecars (Kubernetes 1.29+)")
     add_parsers(sub)
     quota_commands.add_parsers(sub)
+    guardrails_score.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "guardrails":  # its --config is optional and means "that config's policy"
+        return guardrails_score.score_command(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extproc.guardrails.settings import GuardrailSettings, parse_guardrails
 from extproc.quota.settings import QuotaSettings, parse_quota
 
 PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "demo")
@@ -206,6 +207,7 @@ class GatewayConfig:
     teams: dict[str, Team] = field(default_factory=dict)
     redis: RedisSettings | None = None
     quota: QuotaSettings | None = None  # None: no token or money governance at all
+    guardrails: GuardrailSettings | None = None  # None: no request or answer is scanned
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -343,7 +345,8 @@ class _Builder:
     def gateway(self, data: Any) -> GatewayConfig:
         top = self.mapping(
             data, "",
-            {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota"},
+            {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota",
+             "guardrails"},
         )
         d = GatewayConfig()
         providers = self.providers(top.get("providers"))
@@ -364,6 +367,8 @@ class _Builder:
             teams=teams,
             redis=redis,
             quota=self.quota(top.get("quota"), redis, models),
+            guardrails=self.section(parse_guardrails, top.get("guardrails"), "guardrails", teams=set(teams) or None,
+                                    aliases=set(models)),
             source=self.source,
         )
 
@@ -561,6 +566,16 @@ class _Builder:
             raise self.fail("redis.key_prefix", "use letters, digits and . _ : -")
         password = self.secret(m["password"], "redis.password") if "password" in m else None
         return RedisSettings(url=url, password=password, key_prefix=prefix)
+
+    def section(self, parse: Any, v: Any, path: str, **known: Any) -> Any:
+        """A feature section parsed by its own package; its ValueError names the key, reported here with the line."""
+        if v is None:
+            return None
+        try:
+            return parse(v, path, **known)
+        except ValueError as e:
+            key, _, message = str(e).partition(": ")
+            raise self.fail(key, message) from None
 
     def quota(self, v: Any, redis: RedisSettings | None, models: dict[str, ModelAlias]) -> QuotaSettings | None:
         if v is None:

@@ -128,7 +128,19 @@ class RouterExchange:
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         gw.exchanges.add(ex)  # holds one reference until this stream closes
-        if gw.governor is not None:
+        if gw.guardrails is not None:  # guard -> cache -> admit: a blocked prompt is never cached nor charged
+            scanning = gw.guardrails.check_request(ex)
+            if scanning is not None:
+                return self._guard_then_admit(scanning, ex)
+        return self._admit(ex)
+
+    async def _guard_then_admit(self, scanning: Coroutine[Any, Any, None], ex: Exchange) -> messages.ProcessingResponse:
+        await scanning  # a large prompt, scanned off the event loop
+        resp = self._admit(ex)
+        return resp if isinstance(resp, messages.ProcessingResponse) else await resp
+
+    def _admit(self, ex: Exchange) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
+        if self.gw.governor is not None:
             return self._admit_then_route(ex)
         return self._route(ex)
 

@@ -14,6 +14,7 @@ from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig
+from extproc.guardrails.stage import Guardrails
 from extproc.credentials.vault import CredentialVault, secret_reader
 from extproc.pipeline.exchange import Exchange, Exchanges
 from extproc.pipeline.admission import settle
@@ -43,6 +44,7 @@ class Runtime:
     auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
     governor: Governor | None = None  # None without a quota section: nothing is counted or limited
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))  # what answers cost
+    guardrails: Guardrails | None = None  # None without a guardrails section: nothing is scanned
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
@@ -114,6 +116,7 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
         auth=build_authenticator(config, env),
         governor=build_governor(config, env, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
+        guardrails=Guardrails(config.guardrails, metrics.registry) if config.guardrails else None,
     )
 
 
