@@ -36,7 +36,7 @@ import ahocorasick
 from extproc.guardrails.findings import Finding
 
 _OBJ = (r"(?:instructions?|prompts?|rules|guidelines?|directives?|commands?|programming|restrictions?|constraints?"
-        r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders|context|messages?|text)")
+        r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders)")
 _ADJ = (r"(?:previous|prior|preceding|above|earlier|initial|original|old|system|developer|safety|ethical|moral|content"
         r"|existing|given|former|default|built-in|openai'?s?|anthropic'?s?|all(?: the| of the| your)?|any(?: of the)?"
         r"|your|these|those|the above)")

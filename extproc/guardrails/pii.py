@@ -170,8 +170,8 @@ def phones(text: str, regions: tuple[str, ...]) -> Iterable[Finding]:
         digits = re.sub(r"\D", "", raw)
         if not 7 <= len(digits) <= 15 or _DATE_LIKE.match(raw):
             continue
-        if not raw.startswith("+") and not any(c in raw for c in " .-("):
-            continue  # a bare run of digits is an id or an amount, not a phone number
+        if not raw.startswith("+") and (len(digits) < 9 or not any(c in raw for c in " .-(")):
+            continue  # a bare run of digits, or a short one, is an id, an amount or a year: not a phone number
         if _phone_valid(raw, regions):
             yield Finding("phone", "phone_number", m.start(), m.end(), digits)
 
