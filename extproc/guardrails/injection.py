@@ -36,7 +36,7 @@ import ahocorasick
 from extproc.guardrails.findings import Finding
 
 _OBJ = (r"(?:instructions?|prompts?|rules|guidelines?|directives?|commands?|programming|restrictions?|constraints?"
-        r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders)")
+        r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders|(?:security|safety) (?:checks|measures|protocols))")
 _ADJ = (r"(?:previous|prior|preceding|above|earlier|initial|original|old|system|developer|safety|ethical|moral|content"
         r"|existing|given|former|default|built-in|openai'?s?|anthropic'?s?|all(?: the| of the| your)?|any(?: of the)?"
         r"|your|these|those|the above)")
@@ -60,11 +60,12 @@ _ROLE = ("act", "acting", "pretend", "behave", "respond", "answer", "roleplay", 
 _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
     ("override", _OVERRIDE, re.compile(
         _words(*_OVERRIDE) + r"\b(?:\s+(?:all|any|every|each|of|the|your|my|these|those|that|this|everything"
-        r"|what(?:ever)?|you(?:'ve| have)?|were|been|was|told|given|said|received|so far|up to now|before|above))*"
-        rf"(?:\s+{_ADJ})+(?:\s+\w+)?\s+{_OBJ}\b")),
+        r"|what(?:ever)?|you(?:'ve| have)?|were|been|was|told|given|said|received|so far|up to now|before|above|about))*"
+        rf"(?:\s+{_ADJ}(?:\s+(?:and|or|&))?)+(?:\s+\w+)?\s+{_OBJ}\b")),
     ("override", ("ignore", "disregard", "forget"), re.compile(
         r"(?:ignore|disregard|forget)\s+(?:all|everything)(?:\s+(?:you(?:'ve| have)? (?:been told|learned|were told|know)"
-        r"|(?:that )?(?:was|i) (?:said|told you)|above|before|previous(?:ly)?|prior))")),
+        r"|(?:that )?(?:was|i) (?:said|told you)|above|before|previous(?:ly)?|prior))(?!\s+about)"
+        r"|forget (?:that )?you(?: are|'re) (?:an ai|a language model|an assistant|chatgpt|claude)")),
     ("override", ("follow", "obey", "comply", "adhere", "abide", "respect"), re.compile(
         r"(?:do not|don'?t|never|stop|no longer|cease to)\s+(?:follow|obey|comply with|adhere to|abide by|respect)"
         rf"\s+(?:any\s+(?:of\s+)?)?(?:your|the|its|their|openai'?s|anthropic'?s)\s+(?:\w+\s+)?{_OBJ}")),
@@ -79,10 +80,23 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
         r"\s+(?:your|the|these)\s+(?:full\s+|entire\s+|complete\s+|exact\s+|original\s+|initial\s+|hidden\s+"
         r"|secret\s+|internal\s+|confidential\s+|real\s+|first\s+|above\s+|previous\s+)*"
         r"(?:system\s*(?:prompt|message|instructions?)|pre-?prompt|initial\s+(?:prompt|instructions)"
-        r"|hidden\s+(?:prompt|instructions)|(?:instructions|prompt|text|words)\s+(?:above|you were given|you received"
-        r"|before this|that (?:came )?before)|developer\s+(?:message|instructions)|prompt template)")),
+        r"|hidden\s+(?:prompt|instructions)|(?:instructions|prompt)\s+(?:above|you were given|you received"
+        r"|before this|that (?:came )?before)|(?:text|words)\s+(?:you were given|you received|before this)"
+        r"|developer\s+(?:message|instructions)|prompt template)")),
+    ("exfiltrate", ("your",), re.compile(
+        r"your\s+(?:full\s+|entire\s+|original\s+|initial\s+|hidden\s+|secret\s+|current\s+|internal\s+)*"
+        r"(?:system\s+(?:prompt|message|instructions)|initial\s+instructions|hidden\s+instructions|pre-?prompt)\b")),
+    ("exfiltrate", ("give", "provide", "share", "send", "reveal", "disclose", "show", "tell", "leak", "hand over"),
+     re.compile(
+        r"(?:give|provide|share|send|reveal|disclose|show|tell|leak|hand over)\s+(?:me|us)\s+(?:with\s+)?(?:access to\s+)?"
+        r"(?:all\s+)?(?:of\s+)?(?:the\s+|your\s+|its\s+)?(?:(?:users?|patients?|customers?|clients?|employees?|admin)'?s?\s+)?"
+        r"(?:(?:personal|sensitive|confidential|private|classified|secret|restricted|login)\s+(?:\w+\s+)?"
+        r"(?:information|info|data|records|details|files|documents|credentials)|credentials|passwords?)\b"
+        r"(?!\s+(?:handling|protection|security|policy|policies|classification|management|governance|best|tips|guidance"
+        r"|examples|laws?|regulations?|types))")),
     ("exfiltrate", ("above", "before", "prior to"), re.compile(
-        r"(?:repeat|print|output)\b[^.\n]{0,30}\b(?:everything|all|the words|the text)\s+(?:above|before|prior to)\b")),
+        r"(?:repeat|print|output)\b[^.\n]{0,30}\b(?:everything|all|the words|the text)\s+(?:above|before|prior to)\b"
+        r"(?!\s+(?:the|this|that|a|an|my|your)\b)")),
     ("exfiltrate", ("starts with", "start with", "starting with", "begins with", "begin with", "beginning with"),
      re.compile(r"(?:start|begin)(?:s|ning|ing)? with\s+[\"'“‘]?(?:the|this|my|your)\s+(?:system\s+)?"
                 r"(?:prompt|instructions?)(?:\s+(?:template|guidelines|text))?\s+(?:is|are|was|says|reads)\b")),
@@ -91,15 +105,23 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
         r"\b(?:do anything now|stands? for|mode|no (?:restrictions|limits|filters|rules)|unfiltered|always intelligent)")),
     ("persona", (" mode",), re.compile(
         r"(?:developer|dev|god|jailbreak|unrestricted|uncensored|unfiltered|evil|opposite|chaos|dan) mode\b[^.\n]{0,40}"
-        r"\b(?:enabled|activated|on\b|engaged)|enable (?:developer|dev|dan|god) mode\b")),
-    ("persona", ("do anything now", "machiavellian", "evil confidant", "uncensored", "unfiltered", "which stands for"),
+        r"\b(?:enabled|activated|engaged|is now on|turned on)|enable (?:developer|dev|dan|god) mode\b[^.\n]{0,40}\b(?:respond|answer|output|generate|ignore|no )")),
+    ("persona", ("do anything now", "machiavellian", "evil confidant", "uncensored", "unfiltered", "stands for"),
      re.compile(r"do anything now\b|machiavellian\b[^.\n]{0,80}\bamoral\b|evil confidant\b"
                 r"|(?:uncensored|unfiltered)\s+(?:ai|assistant|chatbot|model|version|responses?)\b"
-                r"|which stands for\b[^.\n]{0,30}\b(?:anything|no limits?|unrestricted|unfiltered|limitless)")),
+                r"|stands for\b[^.\n]{0,30}\b(?:anything|everything|no limits?|unrestricted|unfiltered|limitless)")),
     ("persona", ("restrict", "limitation", "limits", "filter", "censor", "guidelines", "rules", "ethic", "moral",
                  "boundaries", "safeguards", "content polic"), re.compile(
         _words(*_ROLE) + r"\b[^.\n]{0,60}\b(?:without|free (?:of|from)|no longer (?:bound|restricted|limited) by"
         rf"|not bound by|no)\s+(?:any\s+)?(?:\w+\s+)?{_LIMITS}\b")),
+    ("persona", ("unrestricted", "unfiltered", "uncensored", "not bound", "free", "no restrictions", "no limits",
+                 "no rules", "no filters"), re.compile(
+        r"(?:you are now|you're now|you will now be|you are going to (?:be|play|act as))\b[^.\n]{0,60}\b(?:free\b|unrestricted"
+        r"|unfiltered|uncensored|not bound|no (?:restrictions|limits|rules|filters))"
+        r"|(?:ai|model|assistant|chatbot|bot|character|persona)\b[^.\n]{0,40}\b(?:not bound by|no longer bound by|free from"
+        rf"|unbound by)\s+(?:any\s+)?(?:\w+\s+)?{_LIMITS}"
+        r"|(?:responses?|answers?|replies|outputs?)\s+(?:will|must|should|shall)\s+(?:always\s+)?(?:be|remain)\s+"
+        r"(?:completely\s+|totally\s+|fully\s+|entirely\s+)?(?:unfiltered|uncensored|unrestricted)")),
     ("persona", ("freed", "liberated", "jailbroken", "unshackled", "released from", "broken free", "escaped the"),
      re.compile(
         r"(?:you are|you're|you have been)\s+(?:now\s+)?(?:freed|liberated|jailbroken|unshackled|released from)\b"
@@ -109,9 +131,10 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
         r"(?:\w+\s+)?(?:safety|ethical|moral|content)\s+(?:guidelines|filters?|restrictions|polic(?:y|ies)"
         r"|protocols?|measures|training|constraints)")),
     ("smuggling", ("<|im_start|>", "<|system|>", "<<sys>>", "[inst]", "[/inst]", "<|endoftext|>",
-                   "<|start_header_id|>", "system override"), re.compile(
+                   "<|start_header_id|>", "system override", "[end session]", "[new session]", "{system:",
+                   "[system]:"), re.compile(
         r"<\|im_start\|>\s*system|<\|system\|>|<<sys>>|\[/?inst\]|<\|endoftext\|>|<\|start_header_id\|>\s*system"
-        r"|system\s*override")),
+        r"|system\s*override|\[(?:end|new) session\]|\{\s*system\s*:|\[system\]:")),
 ]
 # weak signals: substrings; an attack piles them up, an ordinary prompt has one at most
 _WEAK: list[tuple[str, ...]] = [
@@ -123,10 +146,11 @@ _WEAK: list[tuple[str, ...]] = [
     ("openai's content polic", "openai content polic", "openai polic", "anthropic's polic", "content policies",
      "content policy"),
     ("from now on",),
-    ("two responses", "two different responses", "2 responses", "two answers", "[🔓", "[jailbreak]", "[classic]"),
+    ("two responses", "two different responses", "two distinct ways", "[gpt]", "2 responses", "two answers", "[🔓", "[jailbreak]", "[classic]"),
     ("illegal", "harmful", "unethical", "immoral", "amoral"),
     ("never refuse", "not refuse", "can't refuse", "cannot refuse", "won't refuse", "never say no",
      "always answer", "any request", "anything i ask"),
+    ("break the rules", "must obey", "obey all", "must comply", "comply with all", "without question"),
 ]
 MIN_WEAK = 3
 MAX_SCAN_CHARS = 65536  # an attack states itself early or late; the middle of a huge document adds nothing

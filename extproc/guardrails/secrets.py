@@ -85,6 +85,9 @@ _ASSIGN_WORDS = ("pass", "pwd", "secret", "token", "key", "credential", "PASS", 
 _PLACEHOLDER = re.compile(
     r"(?i)x{4}|\.\.\.|\*{3}|<[^>]*>|\$\{|\{\{|your|here|example|placeholder|redacted|insert|dummy|changeme|sample"
     r"|replace|todo|fixme|none|null|undefined|environ|getenv|process\.env|secret_?key|api_?key|password|0{8}|1234567")
+# hashes, git SHAs, UUIDs and order numbers are ids, not secrets, even after "token:"
+_LOOKALIKE = re.compile(r"(?i)^(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}"
+                        r"|[a-z]{2,6}-\d+|v?\d+(?:\.\d+)+)$")
 _CODEISH = re.compile(r"[()\[\]{}]|^[A-Za-z_][A-Za-z_.]*$|^\W|\.(?:get|read|load)|^[a-z]+(?:[._-][a-z]+)+$")
 
 
@@ -130,7 +133,7 @@ def credentials(text: str) -> Iterable[Finding]:
     if any(w in text for w in _ASSIGN_WORDS):
         for m in _ASSIGN.finditer(text):
             v = m.group(1).rstrip(".!?")
-            if _CODEISH.search(v) or not any(c.isdigit() or not c.isalnum() for c in v) or not any(
+            if _CODEISH.search(v) or _LOOKALIKE.match(v) or not any(c.isdigit() or not c.isalnum() for c in v) or not any(
                     c.isalpha() for c in v):
                 continue
             if _random_enough(v, 2.8 if len(v) < 16 else 3.3):
