@@ -39,20 +39,20 @@ class Engine:
         """Every finding of every rule the policy has on (shadow included), in text order, overlaps resolved."""
         on = policy.rules
         found: list[Finding] = []
-        digits = pii.has_digit(text)
+        wins = pii.windows(text)
         if on.get("private_key", "off") != "off":
             found.extend(secrets.private_keys(text))
         if on.get("credential", "off") != "off":
             found.extend(secrets.credentials(text))
-        if digits:
+        if on.get("national_id", "off") != "off":  # some formats have fewer than 7 digits in a row
+            found.extend(pii.national_ids(text, self.settings.locales, wins))
+        if wins:
             if on.get("card", "off") != "off":
-                found.extend(pii.cards(text))
+                found.extend(pii.cards(text, wins))
             if on.get("iban", "off") != "off":
-                found.extend(pii.ibans(text))
-            if on.get("national_id", "off") != "off":
-                found.extend(pii.national_ids(text, self.settings.locales))
+                found.extend(pii.ibans(text, wins))
             if on.get("phone", "off") != "off":
-                found.extend(pii.phones(text, self._regions))
+                found.extend(pii.phones(text, self._regions, wins))
         if on.get("email", "off") != "off" and "@" in text:
             found.extend(pii.emails(text))
         for name, rx in self._patterns:

@@ -83,11 +83,12 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
         r"|hidden\s+(?:prompt|instructions)|(?:instructions|prompt)\s+(?:above|you were given|you received"
         r"|before this|that (?:came )?before)|(?:text|words)\s+(?:you were given|you received|before this)"
         r"|developer\s+(?:message|instructions)|prompt template)")),
-    ("exfiltrate", ("your",), re.compile(
+    ("exfiltrate", ("your system", "your initial", "your hidden", "your original", "your full", "your entire",
+                    "your secret", "your current", "your internal", "your pre-prompt", "your preprompt"), re.compile(
         r"your\s+(?:full\s+|entire\s+|original\s+|initial\s+|hidden\s+|secret\s+|current\s+|internal\s+)*"
         r"(?:system\s+(?:prompt|message|instructions)|initial\s+instructions|hidden\s+instructions|pre-?prompt)\b")),
-    ("exfiltrate", ("give", "provide", "share", "send", "reveal", "disclose", "show", "tell", "leak", "hand over"),
-     re.compile(
+    ("exfiltrate", ("personal", "sensitive", "confidential", "private", "classified", "secret", "restricted",
+                    "login", "credentials", "password"), re.compile(
         r"(?:give|provide|share|send|reveal|disclose|show|tell|leak|hand over)\s+(?:me|us)\s+(?:with\s+)?(?:access to\s+)?"
         r"(?:all\s+)?(?:of\s+)?(?:the\s+|your\s+|its\s+)?(?:(?:users?|patients?|customers?|clients?|employees?|admin)'?s?\s+)?"
         r"(?:(?:personal|sensitive|confidential|private|classified|secret|restricted|login)\s+(?:\w+\s+)?"
@@ -114,8 +115,8 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
                  "boundaries", "safeguards", "content polic"), re.compile(
         _words(*_ROLE) + r"\b[^.\n]{0,60}\b(?:without|free (?:of|from)|no longer (?:bound|restricted|limited) by"
         rf"|not bound by|no)\s+(?:any\s+)?(?:\w+\s+)?{_LIMITS}\b")),
-    ("persona", ("unrestricted", "unfiltered", "uncensored", "not bound", "free", "no restrictions", "no limits",
-                 "no rules", "no filters"), re.compile(
+    ("persona", ("you are now", "you're now", "you will now be", "you are going to", "not bound", "no longer bound",
+                 "free from", "unbound by", "unfiltered", "uncensored", "unrestricted"), re.compile(
         r"(?:you are now|you're now|you will now be|you are going to (?:be|play|act as))\b[^.\n]{0,60}\b(?:free\b|unrestricted"
         r"|unfiltered|uncensored|not bound|no (?:restrictions|limits|rules|filters))"
         r"|(?:ai|model|assistant|chatbot|bot|character|persona)\b[^.\n]{0,40}\b(?:not bound by|no longer bound by|free from"
@@ -126,7 +127,7 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
      re.compile(
         r"(?:you are|you're|you have been)\s+(?:now\s+)?(?:freed|liberated|jailbroken|unshackled|released from)\b"
         r"|broken free of\b|escaped the (?:typical|matrix|confines)")),
-    ("persona", ("safety", "ethical", "moral", "content"), re.compile(
+    ("persona", ("ignore", "bypass", "disable", "turn off", "circumvent", "evade"), re.compile(
         r"(?:ignore|bypass|disable|turn off|remove|break|circumvent|evade)\s+(?:all\s+|any\s+|your\s+|the\s+)*"
         r"(?:\w+\s+)?(?:safety|ethical|moral|content)\s+(?:guidelines|filters?|restrictions|polic(?:y|ies)"
         r"|protocols?|measures|training|constraints)")),

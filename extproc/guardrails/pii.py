@@ -31,6 +31,30 @@ from stdnum.us import ssn
 from extproc.guardrails.findings import Finding
 
 _DIGIT = re.compile(r"\d")
+# a run of at least 7 digits (separators of up to two characters between them): every numeric format here has one,
+# so the detectors' own patterns only search small windows around these runs, not the whole text
+_RUN = re.compile(r"\d(?:[ .()/-]{0,2}\d){6,}")
+Windows = list[tuple[int, int]]
+
+
+def windows(text: str, left: int = 12, right: int = 4) -> Windows:
+    """Merged [start, end) windows around each long digit run (empty: no numeric value can be in the text)."""
+    out: Windows = []
+    if sum(map(text.count, "0123456789")) < 7:  # ten C-speed counts instead of a regex pass over prose
+        return out
+    n = len(text)
+    for m in _RUN.finditer(text):
+        a, b = max(0, m.start() - left), min(n, m.end() + right)
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def _within(rx: re.Pattern[str], text: str, wins: Windows) -> Iterable[re.Match[str]]:
+    for a, b in wins:
+        yield from rx.finditer(text, a, b)
 
 # ---------------------------------------------------------------- payment cards
 
@@ -40,8 +64,8 @@ _IIN = re.compile(r"^(?:4|5[1-5]|2(?:2[2-9][1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)
                   r"|35(?:2[89]|[3-8]\d)|5[06-9]|6[0-9])")
 
 
-def cards(text: str) -> Iterable[Finding]:
-    for m in _CARD.finditer(text):
+def cards(text: str, wins: Windows) -> Iterable[Finding]:
+    for m in _within(_CARD, text, wins):
         raw = m.group()
         sep = " " if " " in raw else "-" if "-" in raw else ""
         if sep and ((" " in raw and "-" in raw) or any(not 3 <= len(g) <= 6 for g in raw.split(sep))):
@@ -66,9 +90,9 @@ def _iban_length(country: str) -> int:
         return 0
 
 
-def ibans(text: str) -> Iterable[Finding]:
+def ibans(text: str, wins: Windows) -> Iterable[Finding]:
     n = len(text)
-    for m in _IBAN_START.finditer(text):
+    for m in _within(_IBAN_START, text, wins):
         want = _iban_length(m.group(1))
         if not want:
             continue
@@ -132,10 +156,14 @@ NATIONAL_IDS: dict[str, list[tuple[str, re.Pattern[str], Callable[[str], bool]]]
 LOCALES = tuple(NATIONAL_IDS)
 
 
-def national_ids(text: str, locales: Iterable[str]) -> Iterable[Finding]:
+_LETTERED = {"gb_nino", "it_codice_fiscale"}  # fewer than 7 digits in a row: searched in the whole text
+
+
+def national_ids(text: str, locales: Iterable[str], wins: Windows) -> Iterable[Finding]:
     for loc in locales:
         for detector, rx, valid in NATIONAL_IDS[loc]:
-            for m in rx.finditer(text):
+            found = rx.finditer(text) if detector in _LETTERED else _within(rx, text, wins)
+            for m in found:
                 if valid(m.group()):
                     yield Finding("national_id", detector, m.start(), m.end(), re.sub(r"\W", "", m.group()))
 
@@ -164,8 +192,8 @@ def _phone_valid(candidate: str, regions: tuple[str, ...]) -> bool:
     return False
 
 
-def phones(text: str, regions: tuple[str, ...]) -> Iterable[Finding]:
-    for m in _PHONE.finditer(text):
+def phones(text: str, regions: tuple[str, ...], wins: Windows) -> Iterable[Finding]:
+    for m in _within(_PHONE, text, wins):
         raw = m.group()
         digits = re.sub(r"\D", "", raw)
         if not 7 <= len(digits) <= 15 or _DATE_LIKE.match(raw):
@@ -182,8 +210,20 @@ _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9]
 _NOT_EMAIL = re.compile(r"@\d+(?:\.\d+)?x\.|\.(?:png|jpe?g|gif|svg|webp|ico|css|js|ts|py|json|ya?ml|lock|txt)$", re.I)
 
 
+_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+
+
 def emails(text: str) -> Iterable[Finding]:
-    for m in _EMAIL.finditer(text):
+    at, seen = text.find("@"), -1
+    while at > 0:
+        i = at
+        while i > 0 and at - i < 64 and text[i - 1] in _LOCAL:  # back to where the local part starts
+            i -= 1
+        m = _EMAIL.match(text, i) if i > seen else None
+        at = text.find("@", at + 1)
+        if m is None:
+            continue
+        seen = m.end()
         v = m.group()
         if _NOT_EMAIL.search(v):  # icon@2x.png, pkg@1.2.3/index.js: file names, not addresses
             continue

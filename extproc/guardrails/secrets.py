@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Iterable
 
+import ahocorasick
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
 from detect_secrets.plugins.discord import DiscordBotTokenDetector
@@ -59,7 +60,7 @@ _TOKENS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("slack_webhook", ("hooks.slack.com",), re.compile(_plugin(SlackDetector(), 1))),
     ("stripe_key", ("k_live_", "k_test_"), re.compile(_B + r"(?:sk|rk|pk)_(?:live|test)_[0-9a-zA-Z]{24,}" + _E)),
     ("sendgrid_key", ("SG.",), re.compile(_B + _plugin(SendGridDetector()) + _E)),
-    ("gitlab_token", ("gl", "GR1348941"), re.compile(_B + "(?:" + "|".join(
+    ("gitlab_token", ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "glcbt-", "GR1348941"), re.compile(_B + "(?:" + "|".join(
         p.pattern for p in GitLabTokenDetector().denylist) + ")")),
     ("pypi_token", ("pypi-",), re.compile(_plugin(PypiTokenDetector()))),
     ("npm_token", ("npm_", "_authToken"), re.compile(_B + r"npm_[A-Za-z0-9]{36}" + _E + "|" + _plugin(NpmDetector()))),
@@ -67,8 +68,8 @@ _TOKENS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("azure_storage_key", ("AccountKey=",), re.compile(_plugin(AzureStorageKeyDetector()))),
     ("square_token", ("sq0",), re.compile(_B + _plugin(SquareOAuthDetector()))),
     ("mailchimp_key", ("-us",), re.compile(_B + _plugin(MailchimpDetector()) + _E)),
-    ("discord_token", ("",), re.compile(_B + _plugin(DiscordBotTokenDetector()) + _E)),
-    ("telegram_token", (":",), re.compile(_B + _plugin(TelegramBotTokenDetector()) + _E)),
+    ("discord_token", ("discord", "Discord", "DISCORD"), re.compile(_B + _plugin(DiscordBotTokenDetector()) + _E)),
+    ("telegram_token", (":AA",), re.compile(_B + _plugin(TelegramBotTokenDetector()) + _E)),
     ("jwt", ("eyJ",), re.compile(_B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}" + _E)),
 ]
 assert StripeDetector  # the live-key shape above is detect-secrets', widened to test and publishable keys
@@ -77,11 +78,13 @@ _AWS_SECRET = re.compile(
     r"(?i)aws.{0,24}?(?:secret|private)?.{0,8}?(?:key|pwd|password|pass|token)\w*[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?"
     r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])")
 _ASSIGN = re.compile(
-    r"(?i)(?<![a-z])(?:password|passwd|pwd|passphrase|secret|token|api[_ -]?key|apikey|access[_ -]?key|auth[_ -]?key"
+    r"(?i)(?:password|passwd|pwd|passphrase|secret|token|api[_ -]?key|apikey|access[_ -]?key|auth[_ -]?key"
     r"|client[_ -]?secret|private[_ -]?key|credentials?)(?:[_-]?[a-z0-9]+)*\b[\"']?\s*(?:[:=]|=>|:=|\bis\b|\bwas\b)\s*"
     r"[\"'`]?([^\s\"'`,;)}\]]{8,200})")
-_ASSIGN_WORDS = ("pass", "pwd", "secret", "token", "key", "credential", "PASS", "SECRET", "TOKEN", "KEY", "Pass",
-                 "Secret", "Token", "Key", "Credential")
+# where an assignment can start (lower-cased); the pattern is tried only there, not at every character
+_ASSIGN_WORDS = ("password", "passwd", "pwd", "passphrase", "secret", "token", "api_key", "api-key", "api key", "apikey",
+                 "access_key", "access-key", "access key", "auth_key", "auth-key", "auth key", "client_secret",
+                 "client-secret", "client secret", "private_key", "private-key", "private key", "credential")
 _PLACEHOLDER = re.compile(
     r"(?i)x{4}|\.\.\.|\*{3}|<[^>]*>|\$\{|\{\{|your|here|example|placeholder|redacted|insert|dummy|changeme|sample"
     r"|replace|todo|fixme|none|null|undefined|environ|getenv|process\.env|secret_?key|api_?key|password|0{8}|1234567")
@@ -112,9 +115,38 @@ def _jwt_ok(v: str) -> bool:
     return isinstance(obj, dict) and "alg" in obj
 
 
+def _triggers() -> ahocorasick.Automaton:
+    """Every literal that gates a pattern, lower-cased, in one automaton: one pass over a text finds them all."""
+    keys: dict[str, list[tuple[str, int]]] = {}
+    for n, (_d, literals, _rx) in enumerate(_TOKENS):
+        for lit in literals:
+            keys.setdefault(lit.lower(), []).append(("token", n))
+    for w in _ASSIGN_WORDS:
+        keys.setdefault(w, []).append(("assign", len(w)))
+    keys.setdefault("aws", []).append(("aws", 0))
+    auto = ahocorasick.Automaton()
+    for k, v in keys.items():
+        auto.add_word(k, tuple(v))
+    auto.make_automaton()
+    return auto
+
+
 def credentials(text: str) -> Iterable[Finding]:
-    for detector, literals, rx in _TOKENS:
-        if not any(lit in text for lit in literals):
+    low = text.lower()
+    tokens: set[int] = set()
+    starts: list[int] = []
+    aws = False
+    for end, owners in _TRIGGERS.iter(low):
+        for what, n in owners:
+            if what == "token":
+                tokens.add(n)
+            elif what == "assign":
+                starts.append(end - n + 1)
+            else:
+                aws = True
+    for n in sorted(tokens):
+        detector, literals, rx = _TOKENS[n]
+        if not any(lit in text for lit in literals):  # the trigger is case-sensitive; the automaton is not
             continue
         for m in rx.finditer(text):
             g = 1 if m.lastindex and m.group(1) else 0
@@ -125,19 +157,28 @@ def credentials(text: str) -> Iterable[Finding]:
             elif not _random_enough(v, 3.0):
                 continue
             yield Finding("credential", detector, m.start(g), m.end(g), v)
-    if "aws" in text or "AWS" in text or "Aws" in text:
+    if aws:
         for m in _AWS_SECRET.finditer(text):
             v = m.group(1)
             if _random_enough(v, 3.5):
                 yield Finding("credential", "aws_secret_access_key", m.start(1), m.end(1), v)
-    if any(w in text for w in _ASSIGN_WORDS):
-        for m in _ASSIGN.finditer(text):
-            v = m.group(1).rstrip(".!?")
-            if _CODEISH.search(v) or _LOOKALIKE.match(v) or not any(c.isdigit() or not c.isalnum() for c in v) or not any(
-                    c.isalpha() for c in v):
-                continue
-            if _random_enough(v, 2.8 if len(v) < 16 else 3.3):
-                yield Finding("credential", "secret_assignment", m.start(1), m.start(1) + len(v), v)
+    last = -1
+    for i in sorted(set(starts)):
+        if i < last or (i and low[i - 1].isalpha()):
+            continue
+        m = _ASSIGN.match(text, i)
+        if m is None:
+            continue
+        last = m.end()
+        v = m.group(1).rstrip(".!?")
+        if _CODEISH.search(v) or _LOOKALIKE.match(v) or not any(c.isdigit() or not c.isalnum() for c in v) or not any(
+                c.isalpha() for c in v):
+            continue
+        if _random_enough(v, 2.8 if len(v) < 16 else 3.3):
+            yield Finding("credential", "secret_assignment", m.start(1), m.start(1) + len(v), v)
+
+
+_TRIGGERS = _triggers()
 
 
 # ---------------------------------------------------------------- private keys

@@ -1,0 +1,177 @@
+"""What the guardrails cost and catch (`python -m tests.bench.guardrails`).
+
+    python -m tests.bench.guardrails --out tests/bench/guardrails.md [--quick] [--sets DIR]
+
+1. Throughput: the base gateway and the same gateway with guardrails on (input and output, redact
+   policy), side by side at concurrency 16 with a ~2 KB prompt, order rotated each round; medians.
+2. Scan cost: a 2 KB and a 200 KB prompt (prose with code and a few values to find), and the Python
+   CPU per streamed chunk through the sliding window (``time.process_time``).
+3. Detection: recall per kind on generated valid values, false positives on near-misses and
+   ordinary prompts (tests/guardrails/corpus.py), and injection detection per public source when
+   the assembled sets are present (``--sets``, default /work/data/guardrails; not in the repo, see
+   the README for provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from extproc.guardrails.engine import Engine, Redactor
+from extproc.guardrails.settings import GuardrailSettings, Policy, score_settings
+from extproc.guardrails.stream import StreamGuard
+from tests.bench.run import (
+    CLIENT_KEY, KEY_ENV, PLAIN_MODEL, PROVIDER_KEY, chat_body, ensure_wrk, machine_facts, run_wrk, start_fake,
+    stop_process, wrk_script,
+)
+from tests.guardrails import corpus
+from tests.harness import Gateway
+
+REDACT_POLICY = {"rules": {"private_key": "redact", "credential": "redact", "card": "redact", "iban": "redact",
+                           "national_id": "redact", "email": "redact", "phone": "redact", "injection": "flag"}}
+
+
+def throughput(seconds: float, rounds: int, conns: int = 16) -> list[str]:
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="tollgate-guard-bench-") as name:
+        tmp = Path(name)
+        fake, port = start_fake(tmp, "plain", [])
+        base = {"providers": {"plain": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+                                        "api_key": {"env": KEY_ENV}}},
+                "models": {PLAIN_MODEL: {"targets": [{"provider": "plain", "model": PLAIN_MODEL}]}}}
+        variants = {"base": base, "guardrails on (input + output, redact)": {**base, "guardrails": REDACT_POLICY}}
+        gateways: dict[str, tuple[Gateway, Path]] = {}
+        try:
+            body = chat_body(PLAIN_MODEL, stream=False)
+            for i, (label, cfg) in enumerate(variants.items()):
+                d = tmp / f"gw{i}"
+                d.mkdir()
+                gateways[label] = (Gateway(d, cfg, env={KEY_ENV: PROVIDER_KEY}).start(),
+                                   wrk_script(tmp / f"wrk{i}.lua", body, CLIENT_KEY))
+                results[label] = []
+            labels = list(gateways)
+            for r in range(rounds):
+                for label in labels[r % 2:] + labels[:r % 2]:
+                    gw, script = gateways[label]
+                    url = f"{gw.base_url}/chat/completions"
+                    run_wrk(url, script, conns, 1.0)
+                    w = run_wrk(url, script, conns, seconds)
+                    if w["non2xx"]:
+                        raise RuntimeError(f"{label}: {int(w['non2xx'])} non-2xx answers")
+                    results[label].append(w)
+                    print(f"  round {r + 1} {label:40} {w['rps']:7,.0f} req/s", file=sys.stderr, flush=True)
+        finally:
+            for gw, _ in gateways.values():
+                gw.stop()
+            stop_process(fake)
+    base_rps = statistics.median(w["rps"] for w in results["base"])
+    out = ["| variant | req/s | p50 ms | ratio to base |", "|---|---:|---:|---:|"]
+    for label, ws in results.items():
+        rps = statistics.median(w["rps"] for w in ws)
+        out.append(f"| {label} | {rps:,.0f} | {statistics.median(w['p50_us'] for w in ws) / 1000:.2f} | "
+                   f"{rps / base_rps:.2f} |")
+    return out
+
+
+def _prompt(size: int) -> str:
+    para = ("Our service reads orders from the queue, validates them and writes invoices. def handle(order): "
+            "total = sum(i.price for i in order.items); log.info('order %s total %s', order.id, total). "
+            "Release 2.4.1 on 2024-03-14 fixed the rounding; see commit 9fceb02d0ae598e95dc970b74767f19372d61af8. ")
+    text = (para * (size // len(para) + 1))[:size - 120]
+    return text + " Contact jane.doe@example.com or +1 415-555-2671; card 4111 1111 1111 1111 on file."
+
+
+def scan_costs(quick: bool) -> list[str]:
+    s = score_settings()
+    engine = Engine(s)
+    out = ["| what | median | p95 |", "|---|---:|---:|"]
+    for size, n in ((2048, 400 if quick else 2000), (200 * 1024, 10 if quick else 40)):
+        text = _prompt(size)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            engine.scan(text, s.policy, role="user")
+            times.append(time.perf_counter() - t)
+        times.sort()
+        unit, k = ("µs", 1e6) if size < 10000 else ("ms", 1e3)
+        out.append(f"| scan a {size // 1024} KB prompt, every detector on | {statistics.median(times) * k:.1f} {unit} | "
+                   f"{times[int(len(times) * 0.95)] * k:.1f} {unit} |")
+    policy = GuardrailSettings(policy=Policy(rules=REDACT_POLICY["rules"])).policy
+    words = ("The deployment finished and every service reported healthy; next we rotate the logs and check "
+             "the dashboards for anything unusual before the weekend. ").split()
+    events = [b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"content": " " + w}}]}).encode() + b"\n\n" for w in words * 20]
+    per = []
+    for _ in range(3 if quick else 10):
+        g = StreamGuard(engine, policy, Redactor(), 64)
+        t = time.process_time()
+        for ev in events:
+            g.feed(ev, False)
+        per.append((time.process_time() - t) / len(events))
+    out.append(f"| Python CPU per streamed chunk (one SSE event, sliding window 64) | {statistics.median(per) * 1e6:.1f} µs "
+               f"| {max(per) * 1e6:.1f} µs (worst run) |")
+    return out
+
+
+def detection(sets: Path) -> list[str]:
+    s = score_settings()
+    engine = Engine(s)
+    out = ["| generated set | n | caught |", "|---|---:|---:|"]
+    for kind in sorted(corpus.MAKERS):
+        texts = corpus.positives(kind, 1000, seed=99)
+        caught = sum(kind in {f.kind for f in engine.scan(t, s.policy, role="user")} for t in texts)
+        out.append(f"| {kind}: valid values in sentences (recall) | {len(texts)} | {caught / len(texts):.3f} |")
+    neg = corpus.near_misses(2000, seed=99) + corpus.PROMPTS
+    fired = sum(bool(engine.scan(t, s.policy, role="user")) for t in neg)
+    out.append(f"| near-misses and ordinary prompts (false positives) | {len(neg)} | {fired / len(neg):.4f} |")
+    path = sets / "injection_public.jsonl"
+    if not path.exists():
+        return out + ["", f"(public injection sets not found at {path}: skipped)"]
+    by: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        hit = any(f.kind == "injection" for f in engine.scan(d["text"], s.policy, role="user"))
+        b = by[(d["source"], d["label"])]
+        b[0] += 1
+        b[1] += hit
+    out += ["", "| public source | label | n | fired |", "|---|---:|---:|---:|"]
+    tot = {0: [0, 0], 1: [0, 0]}
+    for (src, label), (n, hit) in sorted(by.items()):
+        out.append(f"| {src} | {label} | {n} | {hit / n:.3f} |")
+        tot[label][0] += n
+        tot[label][1] += hit
+    out.append(f"| **all attacks (detection)** | 1 | {tot[1][0]} | {tot[1][1] / max(1, tot[1][0]):.3f} |")
+    out.append(f"| **all ordinary prompts (false positives)** | 0 | {tot[0][0]} | {tot[0][1] / max(1, tot[0][0]):.4f} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sets", type=Path, default=Path("/work/data/guardrails"))
+    args = ap.parse_args(argv)
+    seconds, rounds = (2.0, 2) if args.quick else (4.0, 3)
+    facts = machine_facts(ensure_wrk())
+    lines = ["# Guardrails: cost and detection (`python -m tests.bench.guardrails`)", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}. Machine: {facts.get('CPU', '?')}, "
+             f"{facts.get('nproc', '?')} cores, load at start {facts.get('load average at start', '?')}.", "",
+             f"## Throughput (wrk, concurrency 16, ~2 KB prompt, {rounds} rounds of {seconds:.0f} s, medians)", ""]
+    lines += throughput(seconds, rounds)
+    lines += ["", "## Scan cost", ""] + scan_costs(args.quick)
+    lines += ["", "## Detection", ""] + detection(args.sets)
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
