@@ -79,7 +79,7 @@ _AWS_SECRET = re.compile(
     r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])")
 _ASSIGN = re.compile(
     r"(?i)(?:password|passwd|pwd|passphrase|secret|token|api[_ -]?key|apikey|access[_ -]?key|auth[_ -]?key"
-    r"|client[_ -]?secret|private[_ -]?key|credentials?)(?:[_-]?[a-z0-9]+)*\b[\"']?\s*(?:[:=]|=>|:=|\bis\b|\bwas\b)\s*"
+    r"|client[_ -]?secret|private[_ -]?key|credentials?)[a-z0-9_-]*\b[\"']?\s*(?:[:=]|=>|:=|\bis\b|\bwas\b)\s*"
     r"[\"'`]?([^\s\"'`,;)}\]]{8,200})")
 # where an assignment can start (lower-cased); the pattern is tried only there, not at every character
 _ASSIGN_WORDS = ("password", "passwd", "pwd", "passphrase", "secret", "token", "api_key", "api-key", "api key", "apikey",
@@ -164,7 +164,7 @@ def credentials(text: str) -> Iterable[Finding]:
                 yield Finding("credential", "aws_secret_access_key", m.start(1), m.end(1), v)
     last = -1
     for i in sorted(set(starts)):
-        if i < last or (i and low[i - 1].isalpha()):
+        if i < last or (i and low[i - 1].isalnum()):
             continue
         m = _ASSIGN.match(text, i)
         if m is None:
