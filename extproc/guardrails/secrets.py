@@ -9,7 +9,7 @@ GitHub PATs, Google API keys, AWS secrets written as ``KEY=value``, JWTs that
 must decode, PEM bodies, generic ``password = …`` assignments) are filled here.
 
 A placeholder is not a secret: ``sk-...``, ``YOUR_KEY_HERE``, ``<token>``,
-``${API_KEY}``, AWS's ``…EXAMPLE`` keys, ``os.environ["OPENAI_API_KEY"]``.
+``${API_KEY}``, AWS's ``…EXAMPLE`` keys, a lookup in the environment of the code.
 Every pattern is gated by a literal that must occur in the text first (a C
 substring search), so a prompt without any costs a few microseconds.
 """

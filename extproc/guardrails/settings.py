@@ -106,8 +106,20 @@ _KEYS = {"mode", "output", "locales", "phone_regions", "rules", "custom", "teams
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
-def parse_guardrails(data: Any, where: str = "guardrails", *, teams: set[str] | None = None,
+def parse_guardrails(data: Any, where: str = "guardrails", *, reader: Any = None, teams: set[str] | None = None,
                      aliases: set[str] | None = None) -> GuardrailSettings:
+    """The section, validated; a bad key raises ``reader.fail`` (the key and its line), or without a reader a
+    ValueError that starts with the key's path."""
+    try:
+        return _parse(data, where, teams, aliases)
+    except ValueError as e:
+        if reader is None:
+            raise
+        key, _, message = str(e).partition(": ")
+        raise reader.fail(key, message) from None
+
+
+def _parse(data: Any, where: str, teams: set[str] | None, aliases: set[str] | None) -> GuardrailSettings:
     m = _mapping(data, where, _KEYS)
     custom = tuple(_custom(v, f"{where}.custom[{i}]") for i, v in enumerate(_list(m.get("custom"), f"{where}.custom")))
     names = set(BUILTIN_RULES)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,3 +144,11 @@ class Guardrails:
         state: GuardState | None = ex.guardrails
         if state is not None and state.output is not None and state.output.fired:
             self.metrics.count(state.output, "output")
+
+
+def guard_stage(rt: Any) -> Callable[[Any], Coroutine[Any, Any, None] | None] | None:
+    """The input stage (see ``pipeline.router.build_stages``); None without a guardrails section."""
+    guard: Guardrails | None = rt.guardrails
+    if guard is None:
+        return None
+    return guard.check_request
