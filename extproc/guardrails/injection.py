@@ -165,6 +165,24 @@ def injections(text: str) -> Iterable[Finding]:
     yield from _scan(text.lower(), 0)
 
 
+def _leads(pattern: str, triggers: tuple[str, ...]) -> bool:
+    """Whether ``pattern`` opens with a group matching exactly its triggers (then it can be tried only there)."""
+    if not pattern.startswith("(?:"):
+        return False
+    depth = 0
+    for i, c in enumerate(pattern):
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0:
+            head = re.compile(pattern[: i + 1])
+            return all(head.fullmatch(t) is not None for t in triggers)
+    return False
+
+
+ANCHOR_FROM = 4096  # from this length on, a pattern that opens with its trigger is tried only where one occurs
+MAX_ANCHORS = 256
+
+
 def _build() -> ahocorasick.Automaton:
     """One automaton for every trigger and weak phrase: a single pass over the text finds them all."""
     auto = ahocorasick.Automaton()
@@ -182,7 +200,7 @@ def _build() -> ahocorasick.Automaton:
 
 
 def _scan(low: str, base: int) -> Iterable[Finding]:
-    strong: set[int] = set()
+    strong: dict[int, list[int]] = {}
     weak: dict[int, int] = {}
     for end, (size, owners) in _AUTO.iter(low):
         start = end - size + 1
@@ -190,12 +208,16 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
             continue  # inside a word ("contact", "abundant")
         for kind, n in owners:
             if kind == "s":
-                strong.add(n)
+                strong.setdefault(n, []).append(start)
             else:
                 weak.setdefault(n, start)
     for n in sorted(strong):
         detector, _t, rx = _STRONG[n]
-        m = rx.search(low)  # only texts holding one of its triggers get here
+        at = strong[n]
+        if len(low) >= ANCHOR_FROM and n in _ANCHORED and len(at) <= MAX_ANCHORS:
+            m = next((m for i in at if (m := rx.match(low, i)) is not None), None)
+        else:
+            m = rx.search(low)  # only texts holding one of its triggers get here
         if m is not None:
             yield Finding("injection", f"injection_{detector}", base + m.start(), base + m.end())
             return
@@ -205,3 +227,4 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
 
 
 _AUTO = _build()
+_ANCHORED = frozenset(n for n, (_d, triggers, rx) in enumerate(_STRONG) if _leads(rx.pattern, triggers))

@@ -4,8 +4,10 @@
 
 1. Throughput: the base gateway and the same gateway with guardrails on (input and output, redact
    policy), side by side at concurrency 16 with a ~2 KB prompt, order rotated each round; medians.
-2. Scan cost: a 2 KB and a 200 KB prompt (prose with code and a few values to find), and the Python
-   CPU per streamed chunk through the sliding window (``time.process_time``).
+2. Scan cost: a 2 KB and a 200 KB prompt, digit-heavy (prose with code, a date, a version, a commit hash,
+   a phone, an email and a card every 250 characters, so every numeric detector works) and plain prose;
+   fastest and median (the fastest is the CPU cost; the median carries the machine's load); and the
+   Python CPU per streamed chunk through the sliding window (``time.process_time``).
 3. Detection: recall per kind on generated valid values, false positives on near-misses and
    ordinary prompts (tests/guardrails/corpus.py), and injection detection per public source when
    the assembled sets are present (``--sets``, default /work/data/guardrails; not in the repo, see
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.guardrails.engine import Engine, Redactor
-from extproc.guardrails.settings import GuardrailSettings, Policy, score_settings
+from extproc.guardrails.settings import GuardrailSettings, Policy, parse_guardrails, score_settings
 from extproc.guardrails.stream import StreamGuard
 from tests.bench.run import (
     CLIENT_KEY, KEY_ENV, PLAIN_MODEL, PROVIDER_KEY, chat_body, ensure_wrk, machine_facts, run_wrk, start_fake,
@@ -80,6 +82,10 @@ def throughput(seconds: float, rounds: int, conns: int = 16) -> list[str]:
     return out
 
 
+_PROSE = ("The quick brown fox jumps over the lazy dog while the gateway counts tokens, checks quotas and "
+          "forwards the request to the provider. Remember to ignore nothing important in the report. ")
+
+
 def _prompt(size: int) -> str:
     para = ("Our service reads orders from the queue, validates them and writes invoices. def handle(order): "
             "total = sum(i.price for i in order.items); log.info('order %s total %s', order.id, total). "
@@ -89,20 +95,23 @@ def _prompt(size: int) -> str:
 
 
 def scan_costs(quick: bool) -> list[str]:
-    s = score_settings()
-    engine = Engine(s)
-    out = ["| what | median | p95 |", "|---|---:|---:|"]
-    for size, n in ((2048, 400 if quick else 2000), (200 * 1024, 10 if quick else 40)):
-        text = _prompt(size)
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            engine.scan(text, s.policy, role="user")
-            times.append(time.perf_counter() - t)
-        times.sort()
-        unit, k = ("µs", 1e6) if size < 10000 else ("ms", 1e3)
-        out.append(f"| scan a {size // 1024} KB prompt, every detector on | {statistics.median(times) * k:.1f} {unit} | "
-                   f"{times[int(len(times) * 0.95)] * k:.1f} {unit} |")
+    out = ["| what | fastest | median | p95 |", "|---|---:|---:|---:|"]
+    for label, s in (("redact policy, locale us", parse_guardrails(REDACT_POLICY)),
+                     ("every detector, every locale", score_settings())):
+        engine = Engine(s)
+        for size, n, kind in ((2048, 400 if quick else 2000, "digit-heavy"), (200 * 1024, 10 if quick else 40, "digit-heavy"),
+                              (200 * 1024, 10 if quick else 40, "prose")):
+            text = _prompt(size) if kind == "digit-heavy" else (_PROSE * (size // len(_PROSE) + 1))[:size]
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                engine.scan(text, s.policy, role="user")
+                times.append(time.perf_counter() - t)
+            times.sort()
+            unit, k = ("µs", 1e6) if size < 10000 else ("ms", 1e3)
+            out.append(f"| scan a {size // 1024} KB {kind} prompt, {label} | {times[0] * k:.1f} {unit} | "
+                       f"{statistics.median(times) * k:.1f} {unit} | {times[int(len(times) * 0.95)] * k:.1f} {unit} |")
+    engine = Engine(score_settings())
     policy = GuardrailSettings(policy=Policy(rules=REDACT_POLICY["rules"])).policy
     words = ("The deployment finished and every service reported healthy; next we rotate the logs and check "
              "the dashboards for anything unusual before the weekend. ").split()
@@ -115,8 +124,8 @@ def scan_costs(quick: bool) -> list[str]:
         for ev in events:
             g.feed(ev, False)
         per.append((time.process_time() - t) / len(events))
-    out.append(f"| Python CPU per streamed chunk (one SSE event, sliding window 64) | {statistics.median(per) * 1e6:.1f} µs "
-               f"| {max(per) * 1e6:.1f} µs (worst run) |")
+    out.append(f"| Python CPU per streamed chunk (one SSE event, sliding window 64, redact policy) | "
+               f"{min(per) * 1e6:.1f} µs | {statistics.median(per) * 1e6:.1f} µs | {max(per) * 1e6:.1f} µs (worst run) |")
     return out
 
 
