@@ -53,10 +53,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.command == "guardrails":  # its --config is optional and means "that config's policy"
-        return guardrails_score.score_command(args)
-    if args.command == "injector-certs":
-        return kube_commands.certs_command(args)
+    own = {  # commands that read no gateway config (the score command's --config is optional: that config's policy)
+        "guardrails": guardrails_score.score_command,
+        "injector-certs": kube_commands.certs_command,
+    }.get(args.command)
+    if own is not None:
+        return own(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -37,7 +37,8 @@ def request_slots(body: dict[str, Any], endpoint: str) -> list[Slot]:
         return out
     for msg in body.get("messages") or ():
         if isinstance(msg, dict):
-            _message(msg, msg.get("role") if isinstance(msg.get("role"), str) else "user", out)
+            role = msg.get("role")
+            _message(msg, role if isinstance(role, str) else "user", out)
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import ahocorasick
 
@@ -39,11 +40,24 @@ class Engine:
         """Every finding of every rule the policy has on (shadow included), in text order, overlaps resolved."""
         on = policy.rules
         found: list[Finding] = []
-        wins = pii.windows(text)
         if on.get("private_key", "off") != "off":
             found.extend(secrets.private_keys(text))
         if on.get("credential", "off") != "off":
             found.extend(secrets.credentials(text))
+        self._personal(text, on, found)
+        for name, rx in self._patterns:
+            if on.get(name, "off") != "off":
+                found.extend(Finding(name, "custom_pattern", m.start(), m.end(), m.group()) for m in rx.finditer(text)
+                             if m.end() > m.start())
+        if self._words is not None:
+            found.extend(self._listed(text, on))
+        found = drop_overlaps(found)
+        if not output and role in INJECTION_ROLES and on.get("injection", "off") != "off":
+            found.extend(injections(text))  # spans a phrase, never redacted: kept apart from the overlap rule
+        return found
+
+    def _personal(self, text: str, on: dict[str, str] | Any, found: list[Finding]) -> None:
+        wins = pii.windows(text)
         if on.get("national_id", "off") != "off":  # some formats have fewer than 7 digits in a row
             found.extend(pii.national_ids(text, self.settings.locales, wins))
         if wins:
@@ -55,16 +69,6 @@ class Engine:
                 found.extend(pii.phones(text, self._regions, wins))
         if on.get("email", "off") != "off" and "@" in text:
             found.extend(pii.emails(text))
-        for name, rx in self._patterns:
-            if on.get(name, "off") != "off":
-                found.extend(Finding(name, "custom_pattern", m.start(), m.end(), m.group()) for m in rx.finditer(text)
-                             if m.end() > m.start())
-        if self._words is not None:
-            found.extend(self._listed(text, on))
-        found = drop_overlaps(found)
-        if not output and role in INJECTION_ROLES and on.get("injection", "off") != "off":
-            found.extend(injections(text))  # spans a phrase, never redacted: kept apart from the overlap rule
-        return found
 
     def _listed(self, text: str, on: dict[str, str] | object) -> Iterable[Finding]:
         assert self._words is not None

@@ -80,7 +80,7 @@ def score_lines(lines: Any, settings: GuardrailSettings, out: TextIO, *, as_json
         found = engine.scan(text, policy, role="user")
         v = Verdict(policy.mode)
         v.add(found, policy)
-        findings = [{"detector": f.detector, "kind": f.kind, "span": [f.start, f.end]} for f in found
+        findings: list[dict[str, Any]] = [{"detector": f.detector, "kind": f.kind, "span": [f.start, f.end]} for f in found
                     if policy.action(f.kind) != "off"]
         fired = bool(findings)
         res: dict[str, Any] = {"line": n, "action": v.action, "findings": findings}
@@ -113,7 +113,7 @@ def score_lines(lines: Any, settings: GuardrailSettings, out: TextIO, *, as_json
 def _record(line: str) -> tuple[str, int | None, str | None] | str:
     try:
         obj = json.loads(line)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         return f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(obj, dict):
         return "expected a JSON object"

@@ -58,7 +58,8 @@ _TOKENS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("google_api_key", ("AIza",), re.compile(_B + r"AIza[0-9A-Za-z_-]{35}" + _E)),
     ("slack_token", ("xox",), re.compile(_B + r"xox[abposre]-[0-9A-Za-z-]{10,}" + _E)),
     ("slack_webhook", ("hooks.slack.com",), re.compile(_plugin(SlackDetector(), 1))),
-    ("stripe_key", ("k_live_", "k_test_"), re.compile(_B + r"(?:sk|rk|pk)_(?:live|test)_[0-9a-zA-Z]{24,}" + _E)),
+    ("stripe_key", ("k_live_", "k_test_"), re.compile(  # detect-secrets' live secret keys, plus test and publishable
+        _B + "(?:" + _plugin(StripeDetector()) + r"|(?:sk|rk|pk)_(?:live|test)_[0-9a-zA-Z]{24,})" + _E)),
     ("sendgrid_key", ("SG.",), re.compile(_B + _plugin(SendGridDetector()) + _E)),
     ("gitlab_token", ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-", "glcbt-", "GR1348941"), re.compile(_B + "(?:" + "|".join(
         p.pattern for p in GitLabTokenDetector().denylist) + ")")),
@@ -72,7 +73,6 @@ _TOKENS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
     ("telegram_token", (":AA",), re.compile(_B + _plugin(TelegramBotTokenDetector()) + _E)),
     ("jwt", ("eyJ",), re.compile(_B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}" + _E)),
 ]
-assert StripeDetector  # the live-key shape above is detect-secrets', widened to test and publishable keys
 
 _AWS_SECRET = re.compile(
     r"(?i)aws.{0,24}?(?:secret|private)?.{0,8}?(?:key|pwd|password|pass|token)\w*[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?"
@@ -133,37 +133,52 @@ def _triggers() -> ahocorasick.Automaton:
 
 def credentials(text: str) -> Iterable[Finding]:
     low = text.lower()
+    tokens, starts, aws = _triggered(low)
+    yield from _tokens(text, tokens)
+    if aws:
+        yield from _aws_secrets(text)
+    if starts:
+        yield from _assignments(text, low, starts)
+
+
+def _triggered(low: str) -> tuple[list[int], list[int], bool]:
+    """Which token patterns may match, where assignments may start, whether "aws" occurs: one automaton pass."""
     tokens: set[int] = set()
-    starts: list[int] = []
+    starts: set[int] = set()
     aws = False
     for end, owners in _TRIGGERS.iter(low):
         for what, n in owners:
             if what == "token":
                 tokens.add(n)
             elif what == "assign":
-                starts.append(end - n + 1)
+                starts.add(end - n + 1)
             else:
                 aws = True
-    for n in sorted(tokens):
+    return sorted(tokens), sorted(starts), aws
+
+
+def _tokens(text: str, which: list[int]) -> Iterable[Finding]:
+    for n in which:
         detector, literals, rx = _TOKENS[n]
         if not any(lit in text for lit in literals):  # the trigger is case-sensitive; the automaton is not
             continue
         for m in rx.finditer(text):
             g = 1 if m.lastindex and m.group(1) else 0
             v = m.group(g)
-            if detector == "jwt":
-                if not _jwt_ok(v):
-                    continue
-            elif not _random_enough(v, 3.0):
-                continue
-            yield Finding("credential", detector, m.start(g), m.end(g), v)
-    if aws:
-        for m in _AWS_SECRET.finditer(text):
-            v = m.group(1)
-            if _random_enough(v, 3.5):
-                yield Finding("credential", "aws_secret_access_key", m.start(1), m.end(1), v)
+            if _jwt_ok(v) if detector == "jwt" else _random_enough(v, 3.0):
+                yield Finding("credential", detector, m.start(g), m.end(g), v)
+
+
+def _aws_secrets(text: str) -> Iterable[Finding]:
+    for m in _AWS_SECRET.finditer(text):
+        v = m.group(1)
+        if _random_enough(v, 3.5):
+            yield Finding("credential", "aws_secret_access_key", m.start(1), m.end(1), v)
+
+
+def _assignments(text: str, low: str, starts: list[int]) -> Iterable[Finding]:
     last = -1
-    for i in sorted(set(starts)):
+    for i in starts:
         if i < last or (i and low[i - 1].isalnum()):
             continue
         m = _ASSIGN.match(text, i)
@@ -171,10 +186,9 @@ def credentials(text: str) -> Iterable[Finding]:
             continue
         last = m.end()
         v = m.group(1).rstrip(".!?")
-        if _CODEISH.search(v) or _LOOKALIKE.match(v) or not any(c.isdigit() or not c.isalnum() for c in v) or not any(
-                c.isalpha() for c in v):
+        if _CODEISH.search(v) or _LOOKALIKE.match(v) or not any(c.isalpha() for c in v):
             continue
-        if _random_enough(v, 2.8 if len(v) < 16 else 3.3):
+        if any(c.isdigit() or not c.isalnum() for c in v) and _random_enough(v, 2.8 if len(v) < 16 else 3.3):
             yield Finding("credential", "secret_assignment", m.start(1), m.start(1) + len(v), v)
 
 

@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from extproc.guardrails.engine import Engine, Redactor
 from extproc.guardrails.settings import GuardrailSettings, Policy, parse_guardrails, score_settings
