@@ -3,7 +3,8 @@
     python -m tests.bench.guardrails --out tests/bench/guardrails.md [--quick] [--sets DIR]
 
 1. Throughput: the base gateway and the same gateway with guardrails on (input and output, redact
-   policy), side by side at concurrency 16 with a ~2 KB prompt, order rotated each round; medians.
+   policy), side by side at concurrency 16 with a ~2 KB prompt, order rotated each round; medians. And
+   the ext_proc server's own CPU per exchange for both, in-process (tests/inprocess.py).
 2. Scan cost: a 2 KB and a 200 KB prompt, digit-heavy (prose with code, a date, a version, a commit hash,
    a phone, an email and a card every 250 characters, so every numeric detector works) and plain prose;
    fastest and median (the fastest is the CPU cost; the median carries the machine's load); and the
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
@@ -24,13 +26,14 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from extproc.guardrails.engine import Engine, Redactor
 from extproc.guardrails.settings import GuardrailSettings, Policy, parse_guardrails, score_settings
 from extproc.guardrails.stream import StreamGuard
 from tests.bench.run import (
-    CLIENT_KEY, KEY_ENV, PLAIN_MODEL, PROVIDER_KEY, chat_body, ensure_wrk, machine_facts, run_wrk, start_fake,
-    stop_process, wrk_script,
+    CLIENT_KEY, KEY_ENV, PLAIN_MODEL, PROVIDER_KEY, chat_body, children, cpu_seconds, ensure_wrk, machine_facts,
+    run_wrk, start_fake, stop_process, wrk_script,
 )
 from tests.guardrails import corpus
 from tests.harness import Gateway
@@ -63,7 +66,10 @@ def throughput(seconds: float, rounds: int, conns: int = 16) -> list[str]:
                     gw, script = gateways[label]
                     url = f"{gw.base_url}/chat/completions"
                     run_wrk(url, script, conns, 1.0)
+                    pids = [gw.proc.pid, *children(gw.proc.pid)] if gw.proc else []
+                    before = sum(cpu_seconds(pid) for pid in pids)
                     w = run_wrk(url, script, conns, seconds)
+                    w["cpu_us"] = (sum(cpu_seconds(pid) for pid in pids) - before) / max(1, w["requests"]) * 1e6
                     if w["non2xx"]:
                         raise RuntimeError(f"{label}: {int(w['non2xx'])} non-2xx answers")
                     results[label].append(w)
@@ -73,16 +79,72 @@ def throughput(seconds: float, rounds: int, conns: int = 16) -> list[str]:
                 gw.stop()
             stop_process(fake)
     base_rps = statistics.median(w["rps"] for w in results["base"])
-    out = ["| variant | req/s | p50 ms | ratio to base |", "|---|---:|---:|---:|"]
+    base_cpu = statistics.median(w["cpu_us"] for w in results["base"])
+    out = ["| variant | req/s (rounds) | p50 ms | ratio to base | tollgate CPU per request | ratio |",
+           "|---|---:|---:|---:|---:|---:|"]
     for label, ws in results.items():
         rps = statistics.median(w["rps"] for w in ws)
-        out.append(f"| {label} | {rps:,.0f} | {statistics.median(w['p50_us'] for w in ws) / 1000:.2f} | "
-                   f"{rps / base_rps:.2f} |")
+        cpu = statistics.median(w["cpu_us"] for w in ws)
+        rounds_ = ", ".join(f"{w['rps']:,.0f}" for w in ws)
+        out.append(f"| {label} | {rps:,.0f} ({rounds_}) | {statistics.median(w['p50_us'] for w in ws) / 1000:.2f} | "
+                   f"{rps / base_rps:.2f} | {cpu:,.0f} µs | {cpu / base_cpu:.2f} |")
     return out
 
 
 _PROSE = ("The quick brown fox jumps over the lazy dog while the gateway counts tokens, checks quotas and "
           "forwards the request to the provider. Remember to ignore nothing important in the report. ")
+
+
+async def _exchanges(guard: bool, requests: int, concurrency: int = 16) -> float:
+    """Python CPU per exchange (the real servicer over a real gRPC stream, tests/inprocess.py), µs."""
+    from tests.inprocess import InProcessGateway, body_message, headers_message, request_headers
+
+    cfg: dict[str, Any] = {
+        "providers": {"openai": {"type": "openai", "base_url": "https://api.openai.example/v1",
+                                 "api_key": {"env": "OPENAI_KEY"}}},
+        "models": {"gpt": {"targets": [{"provider": "openai", "model": "gpt-4o"}]}},
+    }
+    if guard:
+        cfg["guardrails"] = REDACT_POLICY
+    answer = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello from the fake provider, here is the answer."},
+         "finish_reason": "stop"}], "usage": {"prompt_tokens": 500, "completion_tokens": 12}}).encode()
+    body = chat_body("gpt", stream=False)
+    with tempfile.TemporaryDirectory() as state:
+        async with InProcessGateway(cfg, {"XDG_STATE_HOME": state}) as gw:
+            async def one(n: int) -> None:
+                s = gw.open()
+                await s.send(request_headers(request_id=f"r{n}"))
+                await s.send(body_message("request_body", body))
+                await s.send(headers_message("response_headers", {":status": "200", "content-type": "application/json",
+                                                                  "x-tollgate-target": "gpt#0"}))
+                await s.send(body_message("response_body", answer))
+                await s.close()
+
+            async def worker(k: int, total: int) -> None:
+                for n in range(k, total, concurrency):
+                    await one(n)
+
+            await asyncio.gather(*(worker(k, 200) for k in range(concurrency)))  # warm-up
+            started = time.process_time()
+            await asyncio.gather(*(worker(k, requests) for k in range(concurrency)))
+            took = time.process_time() - started
+            await gw.settled()
+    return took / requests * 1e6
+
+
+def python_cost(quick: bool) -> list[str]:
+    rounds, requests = (2, 1000) if quick else (4, 3000)
+    got: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for guard in ((False, True) if r % 2 == 0 else (True, False)):
+            got[guard].append(asyncio.run(_exchanges(guard, requests)))
+    base = statistics.median(got[False])
+    out = ["| variant | Python CPU per exchange (median of rounds) | ratio |", "|---|---:|---:|"]
+    for guard, label in ((False, "base"), (True, "guardrails on (input + output, redact)")):
+        m = statistics.median(got[guard])
+        out.append(f"| {label} | {m:.0f} µs | {m / base:.2f} |")
+    return out
 
 
 def _prompt(size: int) -> str:
@@ -173,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{facts.get('nproc', '?')} cores, load at start {facts.get('load average at start', '?')}.", "",
              f"## Throughput (wrk, concurrency 16, ~2 KB prompt, {rounds} rounds of {seconds:.0f} s, medians)", ""]
     lines += throughput(seconds, rounds)
+    lines += ["", "The ext_proc server's own CPU per exchange, in-process (real servicer and gRPC stream, "
+              "the same ~2 KB prompt; `time.process_time`, so neighbours on a shared machine disturb it far "
+              "less than the wrk figures above):", ""] + python_cost(args.quick)
     lines += ["", "## Scan cost", ""] + scan_costs(args.quick)
     lines += ["", "## Detection", ""] + detection(args.sets)
     text = "\n".join(lines) + "\n"
