@@ -162,3 +162,19 @@ def test_shadow_mode_counts_without_acting(gateway, fake_openai):
     assert decisions(gw, rule="private_key", action="block", mode="shadow") == 1
     assert decisions(gw, mode="enforce") == 0
     assert json.dumps(last_record(gw)["guardrails"]).count("4111") == 0
+
+
+def test_the_embedded_default_redacts_cards_and_flags_injections(gateway):
+    from importlib import resources
+
+    import yaml
+
+    default = yaml.safe_load(resources.files("extproc").joinpath("default_config.yaml").read_text())
+    gw = gateway(default, env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""})
+    demo = client(gw)
+    raw = demo.chat.completions.with_raw_response.create(model="demo", messages=ask(f"Is {CARD} a test card?"))
+    assert raw.headers["x-tollgate-guardrails"] == "redact:card"
+    answer = raw.parse().choices[0].message.content  # the demo model echoes what it was sent
+    assert "[CARD_1]" in answer and "4111" not in answer
+    raw = demo.chat.completions.with_raw_response.create(model="demo", messages=ask(INJECTION))
+    assert raw.headers["x-tollgate-guardrails"] == "flag:injection" and raw.parse().choices[0].message.content
