@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.quota >> tests/bench/results.md
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
+	$(BIN)/python -m tests.bench.guardrails --out tests/bench/guardrails.md
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
 

@@ -26,7 +26,8 @@ from typing import Any, TypeAlias
 
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
-from extproc.errors import GatewayError, QuotaExceeded
+from extproc.errors import GatewayError, GuardrailViolation, QuotaExceeded
+from extproc.guardrails.stream import StreamGuard
 from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
@@ -37,7 +38,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "guard")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -45,6 +46,7 @@ class Answer:
         self.streaming = False
         self.status = 0
         self.cut = False  # a refused top-up ended this stream; later chunks are counted, not sent
+        self.guard: StreamGuard | None = None  # the guardrails' sliding window over a streamed answer
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -52,6 +54,8 @@ class Answer:
         status = int(headers.get(":status", "0") or 0)
         self.status = ex.status = status
         out = {"x-request-id": ex.request_id}
+        if ex.guardrails is not None and ex.guardrails.header():
+            out["x-tollgate-guardrails"] = ex.guardrails.header()
         if ex.admission is not None:
             out.update(ex.admission.headers())
         tag = parse_target_tag(headers.get(TARGET_HEADER, ""))
@@ -84,6 +88,8 @@ class Answer:
                 if ex.admission is not None:
                     translator.progress.text = []  # the translator now hands us the generated text
                 out["content-type"] = "text/event-stream"
+                if self.gw.guardrails is not None:
+                    self.guard = self.gw.guardrails.stream_guard(ex)
                 mode = messages.STREAMED
         resp = messages.cont("response_headers", set_headers=out, remove_headers=remove, response_body_mode=mode)
         ex.response_seconds += time.perf_counter() - started
@@ -104,6 +110,11 @@ class Answer:
     def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
         before = tr.progress.first_content
         out = tr.stream_chunk(body.body, body.end_of_stream)
+        if self.guard is not None and not self.cut:
+            guarded = self._guarded(ex, self.guard, body.body if out is None else out, body.end_of_stream)
+            if not isinstance(guarded, bytes):
+                return guarded
+            out = guarded
         if tr.progress.first_content:
             now = time.monotonic()
             if not before:
@@ -155,8 +166,22 @@ class Answer:
         tail = sse.error_event(f"{err.message}; the stream was ended here", err.type, err.code)
         return messages.cut_stream(chunk + tail, err.status)
 
+    def _guarded(self, ex: Exchange, guard: StreamGuard, chunk: bytes, end: bool) -> bytes | Reply:
+        """The chunk as the guardrails let it through (text held back, redacted), or the stream cut by a block."""
+        out, rule = guard.feed(chunk, end)
+        if rule is None and not end:
+            return out
+        assert self.gw.guardrails is not None
+        self.gw.guardrails.stream_done(ex)
+        return out if rule is None else self._cut(ex, GuardrailViolation(rule, "answer"), b"")
+
     def _whole(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> messages.ProcessingResponse:
         out = tr.response(self.status, body.body)
+        guard_headers = None
+        if self.gw.guardrails is not None and 200 <= self.status < 300:
+            out = self.gw.guardrails.check_answer(ex, body.body if out is None else out) or out
+            if ex.guardrails is not None and ex.guardrails.header():
+                guard_headers = {"x-tollgate-guardrails": ex.guardrails.header()}
         if tr.response_model:
             ex.response_model = tr.response_model
         if 200 <= self.status < 300:
@@ -178,4 +203,6 @@ class Answer:
                 usage_headers["x-tollgate-cost-usd"] = f"{micros / 1_000_000:.6f}"
         if ex.cache_state is not None and self.gw.cache is not None:  # a complete 200 answer is stored
             self.gw.cache.seen(ex, out if out is not None else body.body, whole=True, end=True)
+        if guard_headers:
+            usage_headers = {**(usage_headers or {}), **guard_headers}
         return messages.cont("response_body", body=out, set_headers=usage_headers)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from extproc.providers.base import Translator, Usage
 
 if TYPE_CHECKING:
+    from extproc.guardrails.stage import GuardState
     from extproc.quota.governor import Admission
 
 
@@ -58,6 +59,7 @@ class Exchange:
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers
     failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
     response_seconds: float = 0.0  # Python time spent on response messages
+    guardrails: GuardState | None = None  # what the guardrails decided, when they are on
 
     def tpot(self) -> float | None:
         """Seconds per output token after the first; streams only."""

@@ -13,7 +13,7 @@ The steps, in order (each a named method or stage; see ``base.py``)::
     request body      validate        (JSON, alias, the team may use it, parameters)
                       -- the Exchange is opened here --
                       STAGES, as build_stages lists them:
-                        guard         (input guardrails; to come)
+                        guard         (input guardrails; guardrails/stage.py)
                         cache         (response-cache lookup: a hit is answered here; cache/stage.py)
                         admit         (quota hold; admission.py)
                         route         (prepare the primary target, set the route)
@@ -52,6 +52,7 @@ from extproc.auth.identity import Identity
 from extproc.cache.stage import cache_stage
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, Internal, MethodNotAllowed, NotFound, UpstreamError
+from extproc.guardrails.stage import guard_stage
 from extproc.pipeline import messages
 from extproc.pipeline.admission import admit_stage
 from extproc.pipeline.answer import Answer, Reply
@@ -78,6 +79,7 @@ def build_stages(rt: Runtime) -> tuple[Stage, ...]:
     never charged, and the cache never sees a prompt the guard refused.
     """
     stages = (
+        guard_stage(rt),
         cache_stage(rt),
         admit_stage(rt),
         Route(rt),
