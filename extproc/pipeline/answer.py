@@ -115,20 +115,7 @@ class Answer:
             if not isinstance(guarded, bytes):
                 return guarded
             out = guarded
-        if tr.progress.first_content:
-            now = time.monotonic()
-            if not before:
-                ex.first_token_at = now
-            ex.last_token_at = now
-        ex.content_chunks = tr.progress.content_chunks
-        if tr.usage is not None:
-            ex.usage = tr.usage
-        if tr.progress.failed and not self.cut:
-            ex.stream_failed = True
-            ex.error = ex.error or "stream_interrupted"
-        ex.answer_complete = tr.progress.done
-        if tr.response_model:
-            ex.response_model = tr.response_model
+        self._note_progress(ex, tr, first_before=before)
         if ex.cache_state is not None and self.gw.cache is not None:  # what the client gets, for storing
             self.gw.cache.seen(ex, out if out is not None else body.body, whole=False, end=body.end_of_stream)
         adm, produced = ex.admission, tr.progress.text
@@ -145,6 +132,23 @@ class Answer:
         if step == "stop":
             return self._cut(ex, adm.refusal(), chunk)
         return self._top_up(ex, adm, chunk)
+
+    def _note_progress(self, ex: Exchange, tr: Translator, first_before: bool) -> None:
+        """What the translator saw in this chunk, onto the exchange: token times, usage, failure, the model."""
+        if tr.progress.first_content:
+            now = time.monotonic()
+            if not first_before:
+                ex.first_token_at = now
+            ex.last_token_at = now
+        ex.content_chunks = tr.progress.content_chunks
+        if tr.usage is not None:
+            ex.usage = tr.usage
+        if tr.progress.failed and not self.cut:
+            ex.stream_failed = True
+            ex.error = ex.error or "stream_interrupted"
+        ex.answer_complete = tr.progress.done
+        if tr.response_model:
+            ex.response_model = tr.response_model
 
     async def _top_up(self, ex: Exchange, adm: Admission, chunk: bytes) -> Reply:
         """Reserve the next slice before passing ``chunk`` on; refused: end the stream after it."""
