@@ -27,7 +27,8 @@ from typing import Any, TypeAlias
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
 from extproc.credentials.scrub import Scrubber
-from extproc.errors import GatewayError, QuotaExceeded, UpstreamError
+from extproc.errors import GatewayError, GuardrailViolation, QuotaExceeded, UpstreamError
+from extproc.guardrails.stream import StreamGuard
 from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
@@ -38,8 +39,8 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut", "scrub", "invalid", "ended", "bytes", "since",
-                 "deadline", "min_rate", "grace")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "guard", "scrub", "invalid", "ended", "bytes",
+                 "since", "deadline", "min_rate", "grace")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -47,6 +48,7 @@ class Answer:
         self.streaming = False
         self.status = 0
         self.cut = False  # a refused top-up ended this stream; later chunks are counted, not sent
+        self.guard: StreamGuard | None = None  # the guardrails' sliding window over a streamed answer
         self.scrub = Scrubber(())  # the exchange's injected credentials, taken out of everything passed on
         self.invalid: str | None = None  # why a 2xx answer cannot be passed on (known from its headers)
         self.ended = False  # the answer's last byte reached this stage
@@ -62,6 +64,8 @@ class Answer:
         status = int(headers.get(":status", "0") or 0)
         self.status = ex.status = status
         out = {"x-request-id": ex.request_id}
+        if ex.guardrails is not None and ex.guardrails.header():
+            out["x-tollgate-guardrails"] = ex.guardrails.header()
         if ex.admission is not None:
             out.update(ex.admission.headers())
         tag = parse_target_tag(headers.get(TARGET_HEADER, ""))
@@ -84,6 +88,7 @@ class Answer:
                 raise self._invalid(ex, provider.name)
         out.update(self.scrub.headers(headers))
         out.update({
+            "x-tollgate-cache": ex.cache.replace("_", "-"),  # a target answered: the lookup missed or bypassed
             "x-tollgate-provider": provider.name,
             "x-tollgate-model": target.model,
             "x-tollgate-attempts": str(ex.attempts),
@@ -95,13 +100,12 @@ class Answer:
             self.streaming = ex.stream and self.invalid is None and status == 200
             if self.streaming:
                 ex.streamed = True
-                alias = self.gw.config.models[ex.alias]
-                self.since = time.monotonic()
-                self.deadline = ex.received_at + alias.answer_timeout
-                self.min_rate, self.grace = alias.min_bytes_per_second, alias.first_byte_timeout
+                self._bounds(ex)
                 if ex.admission is not None:
                     translator.progress.text = []  # the translator now hands us the generated text
                 out["content-type"] = "text/event-stream"
+                if self.gw.guardrails is not None:
+                    self.guard = self.gw.guardrails.stream_guard(ex)
                 mode = messages.STREAMED
         resp = messages.cont("response_headers", set_headers=out, remove_headers=remove, response_body_mode=mode)
         ex.response_seconds += time.perf_counter() - started
@@ -120,14 +124,53 @@ class Answer:
         ex.response_seconds += time.perf_counter() - started
         return resp
 
-    def _too_slow(self, n: int) -> GatewayError | None:
+    def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
+        before = tr.progress.first_content
+        out = self._scrubbed_chunk(body.body, tr.stream_chunk(body.body, body.end_of_stream))
+        if self.guard is not None and not self.cut:
+            guarded = self._guarded(ex, self.guard, body.body if out is None else out, body.end_of_stream)
+            if not isinstance(guarded, bytes):
+                return guarded
+            out = guarded
+        self._note_progress(ex, tr, first_before=before)
+        if ex.cache_state is not None and self.gw.cache is not None:  # what the client gets, for storing
+            self.gw.cache.seen(ex, out if out is not None else body.body, whole=False, end=body.end_of_stream)
+        adm, produced = ex.admission, tr.progress.text
+        if not self.cut and (late := self._too_slow(tr, body)) is not None:
+            if adm is not None and produced:  # what this last chunk carries reaches the client: it counts
+                adm.count_output("".join(produced))
+                produced.clear()
+            return self._cut(ex, late, body.body if out is None else out)
+        if adm is None or not produced:
+            return messages.stream_body(b"" if self.cut else out)
+        text = "".join(produced)
+        produced.clear()
+        step = adm.count_output(text)
+        if self.cut:
+            return messages.stream_body(b"")  # counted (the provider produced it), not sent
+        if step == "go" or tr.progress.done or tr.progress.failed or body.end_of_stream:
+            return messages.stream_body(out)
+        chunk = body.body if out is None else out
+        if step == "stop":
+            return self._cut(ex, adm.refusal(), chunk)
+        return self._top_up(ex, adm, chunk)
+
+    def _bounds(self, ex: Exchange) -> None:
+        alias = self.gw.config.models[ex.alias]
+        self.since = time.monotonic()
+        self.deadline = ex.received_at + alias.answer_timeout
+        self.min_rate, self.grace = alias.min_bytes_per_second, alias.first_byte_timeout
+
+    def _too_slow(self, tr: Translator, body: messages.pb.HttpBody) -> GatewayError | None:
         """The stream's time bounds: the whole-answer deadline, and the minimum average rate.
 
         Checked as each chunk arrives, so a trickling provider (a byte a
         second keeps Envoy's idle timeout from ever firing) is cut with an
         error event; a silent one is Envoy's (``first_byte_timeout``).
         """
-        self.bytes += n
+        self.bytes += len(body.body)
+        if body.end_of_stream or tr.progress.done or tr.progress.failed:
+            return None
         now = time.monotonic()
         if now > self.deadline:
             return GatewayError("the answer did not complete within the model's answer_timeout", status=504,
@@ -149,12 +192,46 @@ class Answer:
             ex.stream_failed = True
             ex.error = ex.error or "stream_reset"
 
-    def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
-        before = tr.progress.first_content
-        out = self._scrubbed_chunk(body.body, tr.stream_chunk(body.body, body.end_of_stream))
+    def _scrubbed_chunk(self, raw: bytes, out: bytes | None) -> bytes | None:
+        """Translators pass on whole events only, so a credential cannot straddle two chunks."""
+        if not self.scrub:
+            return out
+        data = raw if out is None else out
+        clean = self.scrub.exact(data)
+        if b'"error"' in clean:
+            clean = self.scrub.body(clean)
+        return out if clean is data else clean
+
+    def _invalid(self, ex: Exchange, provider: str) -> UpstreamError:
+        """A 2xx the gateway cannot read becomes a 502: billed as a failed answer (nothing), counted as one."""
+        ex.last_attempt_status = 502
+        ex.error = "invalid_upstream_response"
+        self.gw.metrics.upstream_error(provider, 502)
+        return UpstreamError(f"upstream {provider} answered {self.invalid}", code="invalid_upstream_response")
+
+    def _read_whole(self, ex: Exchange, tr: Translator, body: bytes) -> bytes | None:
+        """The translated whole answer, scrubbed; an unreadable 2xx raises the 502."""
+        ok = 200 <= self.status < 300
+        if ok and self.invalid is not None:
+            raise self._invalid(ex, ex.provider or "?")
+        try:
+            out = tr.response(self.status, body)
+        except UpstreamError:
+            if ok:
+                ex.last_attempt_status = 502
+                self.gw.metrics.upstream_error(ex.provider or "?", 502)
+            raise
+        if not self.scrub:
+            return out
+        data = body if out is None else out
+        clean = self.scrub.exact(data) if ok else self.scrub.body(data)
+        return out if clean is data else clean
+
+    def _note_progress(self, ex: Exchange, tr: Translator, first_before: bool) -> None:
+        """What the translator saw in this chunk, onto the exchange: token times, usage, failure, the model."""
         if tr.progress.first_content:
             now = time.monotonic()
-            if not before:
+            if not first_before:
                 ex.first_token_at = now
             ex.last_token_at = now
         ex.content_chunks = tr.progress.content_chunks
@@ -166,26 +243,6 @@ class Answer:
         ex.answer_complete = tr.progress.done
         if tr.response_model:
             ex.response_model = tr.response_model
-        adm, produced = ex.admission, tr.progress.text
-        if (not self.cut and not body.end_of_stream and not tr.progress.done and not tr.progress.failed
-                and (late := self._too_slow(len(body.body))) is not None):
-            if adm is not None and produced:  # what this last chunk carries reaches the client: it counts
-                adm.count_output("".join(produced))
-                produced.clear()
-            return self._cut(ex, late, body.body if out is None else out)
-        if adm is None or not produced:
-            return messages.stream_body(b"" if self.cut else out)
-        text = "".join(produced)
-        produced.clear()
-        step = adm.count_output(text)
-        if self.cut:
-            return messages.stream_body(b"")  # counted (the provider produced it), not sent
-        if step == "go" or tr.progress.done or tr.progress.failed or body.end_of_stream:
-            return messages.stream_body(out)
-        chunk = body.body if out is None else out
-        if step == "stop":
-            return self._cut(ex, adm.refusal(), chunk)
-        return self._top_up(ex, adm, chunk)
 
     async def _top_up(self, ex: Exchange, adm: Admission, chunk: bytes) -> Reply:
         """Reserve the next slice before passing ``chunk`` on; refused: end the stream after it."""
@@ -207,38 +264,22 @@ class Answer:
         tail = sse.error_event(f"{err.message}; the stream was ended here", err.type, err.code)
         return messages.cut_stream(chunk + tail, err.status)
 
-    def _scrubbed_chunk(self, raw: bytes, out: bytes | None) -> bytes | None:
-        """Translators pass on whole events only, so a credential cannot straddle two chunks."""
-        if not self.scrub:
+    def _guarded(self, ex: Exchange, guard: StreamGuard, chunk: bytes, end: bool) -> bytes | Reply:
+        """The chunk as the guardrails let it through (text held back, redacted), or the stream cut by a block."""
+        out, rule = guard.feed(chunk, end)
+        if rule is None and not end:
             return out
-        data = raw if out is None else out
-        clean = self.scrub.exact(data)
-        if b'"error"' in clean:
-            clean = self.scrub.body(clean)
-        return out if clean is data else clean
-
-    def _invalid(self, ex: Exchange, provider: str) -> UpstreamError:
-        """A 2xx the gateway cannot read becomes a 502: billed as a failed answer (nothing), counted as one."""
-        ex.last_attempt_status = 502
-        ex.error = "invalid_upstream_response"
-        self.gw.metrics.upstream_error(provider, 502)
-        return UpstreamError(f"upstream {provider} answered {self.invalid}", code="invalid_upstream_response")
+        assert self.gw.guardrails is not None
+        self.gw.guardrails.stream_done(ex)
+        return out if rule is None else self._cut(ex, GuardrailViolation(rule, "answer"), b"")
 
     def _whole(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> messages.ProcessingResponse:
-        ok = 200 <= self.status < 300
-        if ok and self.invalid is not None:
-            raise self._invalid(ex, ex.provider or "?")
-        try:
-            out = tr.response(self.status, body.body)
-        except UpstreamError:
-            if ok:
-                ex.last_attempt_status = 502
-                self.gw.metrics.upstream_error(ex.provider or "?", 502)
-            raise
-        if self.scrub:
-            data = body.body if out is None else out
-            clean = self.scrub.exact(data) if ok else self.scrub.body(data)
-            out = out if clean is data else clean
+        out = self._read_whole(ex, tr, body.body)
+        guard_headers = None
+        if self.gw.guardrails is not None and 200 <= self.status < 300:
+            out = self.gw.guardrails.check_answer(ex, body.body if out is None else out) or out
+            if ex.guardrails is not None and ex.guardrails.header():
+                guard_headers = {"x-tollgate-guardrails": ex.guardrails.header()}
         if tr.response_model:
             ex.response_model = tr.response_model
         if 200 <= self.status < 300:
@@ -253,11 +294,15 @@ class Answer:
             usage_headers = {
                 "x-tollgate-input-tokens": str(u.prompt_tokens),
                 "x-tollgate-output-tokens": str(u.completion_tokens),
-                "x-tollgate-cache": ex.cache,
+                "x-tollgate-cache": ex.cache.replace("_", "-"),
             }
             micros = self.gw.cost_micros(ex) if 200 <= self.status < 300 else None
             if micros is not None:
                 usage_headers["x-tollgate-cost-usd"] = f"{micros / 1_000_000:.6f}"
+        if ex.cache_state is not None and self.gw.cache is not None:  # a complete 200 answer is stored
+            self.gw.cache.seen(ex, out if out is not None else body.body, whole=True, end=True)
+        if guard_headers:
+            usage_headers = {**(usage_headers or {}), **guard_headers}
         return messages.cont("response_body", body=out, set_headers=usage_headers)
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from extproc.providers.base import Translator, Usage
 
 if TYPE_CHECKING:
+    from extproc.guardrails.stage import GuardState
     from extproc.quota.governor import Admission
 
 
@@ -50,13 +51,16 @@ class Exchange:
     raw_body: bytes = b""  # the client's bytes, for a fallback that sends them unchanged
     body_rewritten: bool = False  # the primary's preparation changed the body Envoy keeps for retries
     holders: int = 1  # the gateway stream, plus each fallback attempt's stream while it runs
-    cache: str = "bypass"  # semantic cache result: hit | miss | bypass
+    cache: str = "bypass"  # response cache result: hit_exact | hit_semantic | miss | bypass
+    cache_state: Any = None  # extproc.cache.stage.CacheState while the cache follows this exchange
+    cache_control: str = ""  # the client's Cache-Control header: no-cache skips the lookup, no-store the store
     cost_usd: float = 0.0
     upstream_sent_at: float | None = None  # the latest attempt's request left Tollgate
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers
     failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
     response_seconds: float = 0.0  # Python time spent on response messages
     secrets: list[str] = field(default_factory=list)  # every credential injected for it, scrubbed from answers
+    guardrails: GuardState | None = None  # what the guardrails decided, when they are on
 
     def tpot(self) -> float | None:
         """Seconds per output token after the first; streams only."""

@@ -78,7 +78,8 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     if cap is not None:
         body = {**body, cap_field(provider): cap}
     up = translator.request(body, b"")
-    if up.body is None and body is not ex.body:  # the translator keeps it as is, but it is not the client's
+    redacted = ex.guardrails is not None and ex.guardrails.redacted  # the guardrails replaced some of its text
+    if up.body is None and (body is not ex.body or redacted):  # the translator keeps it, but it is not the client's
         up.body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     set_headers = {":path": up.path, ":authority": provider.authority, **up.headers, **auth}
     if up.body is not None:
