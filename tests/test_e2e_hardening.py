@@ -225,12 +225,12 @@ def extproc_pid(gw) -> int:
         out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "extproc extproc"], capture_output=True,
                              text=True)
         pids = [int(p) for p in out.stdout.split()]
-        if len(pids) == 2 and any(f"ext_proc standby ready (pid {p})" in gw.log() for p in pids):
-            break
+        serving = [p for p in pids if listens(p)]
+        spare = [p for p in pids if p not in serving]
+        if len(serving) == 1 and len(spare) == 1 and f"ext_proc standby ready (pid {spare[0]})" in gw.log():
+            return serving[0]
         time.sleep(0.2)
-    serving = [p for p in pids if listens(p)]
-    assert len(serving) == 1, pids
-    return serving[0]
+    raise AssertionError(f"no serving ext_proc child with a ready standby: {pids}")
 
 
 def listens(pid: int) -> bool:

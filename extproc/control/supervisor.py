@@ -168,11 +168,11 @@ class Supervisor:
     answers 503 in OpenAI's shape with ``Retry-After`` (its local reply for
     an unreachable ext_proc), and the standby, which did its slow start-up
     already, is told to bind: service is back in well under a second. A new
-    standby is started behind it. Starting a server from scratch takes 2-3 s
+    standby is started behind it, a little later. Starting a server from scratch takes 2-3 s
     on a loaded machine, most of it imports; hence the spare.
     """
 
-    STANDBY_DELAY = 2.0  # the spare starts this long after the gateway is up, off the start-up path
+    STANDBY_DELAY = 2.0  # the spare starts this long after the gateway (or a restarted server) is up
 
     def __init__(self, cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, config_path: str | None):
         self.cfg = cfg
@@ -214,7 +214,6 @@ class Supervisor:
             self._go(child)
         self.active = child
         log.warning("ext_proc server restarted (pid %d, restart %d)", child.pid, self.restarts)
-        self.standby = await self._spawn(go=False)
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -246,6 +245,8 @@ class Supervisor:
                 if spare is not None and not spare.done():
                     spare.cancel()
                 await self._promote()
+                # the next spare starts later: its start-up (seconds of CPU) must not slow this one's
+                spare = asyncio.create_task(self._standby_later())
             stopping.cancel()
             envoy_down.cancel()
             if envoy.returncode is not None and not stop.is_set():
