@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
 from extproc.errors import GatewayError, QuotaExceeded
+from extproc.providers.inbound_anthropic import InboundAnthropic, from_openai_error
 from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
@@ -37,7 +38,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 
 class Answer:
-    __slots__ = ("gw", "translator", "streaming", "status", "cut")
+    __slots__ = ("gw", "translator", "streaming", "status", "cut", "reshape")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -45,6 +46,7 @@ class Answer:
         self.streaming = False
         self.status = 0
         self.cut = False  # a refused top-up ended this stream; later chunks are counted, not sent
+        self.reshape = False  # Envoy's own (OpenAI-shaped) error, for a client of Anthropic's API
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -61,7 +63,11 @@ class Answer:
             ex.error = ex.error or "upstream_unavailable"
             if status >= 500 and ex.provider is not None:
                 self.gw.metrics.upstream_error(ex.provider, 0)
-            return messages.cont("response_headers", set_headers=out, remove_headers=[TARGET_HEADER])
+            remove = [TARGET_HEADER]
+            if ex.inbound == "anthropic" and status >= 400 and not req.response_headers.end_of_stream:
+                self.reshape = True
+                remove.append("content-length")
+            return messages.cont("response_headers", set_headers=out, remove_headers=remove)
         _alias, target, provider = self.gw.config.target(ex.alias, tag[1])
         self.translator = translator
         ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, status
@@ -91,6 +97,8 @@ class Answer:
     def on_body(self, ex: Exchange, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         tr = self.translator
         if tr is None:  # Envoy's own answer
+            if self.reshape:
+                return messages.cont("response_body", body=from_openai_error(self.status, req.response_body.body))
             return messages.cont("response_body")
         started = time.perf_counter()
         if self.streaming:
@@ -150,6 +158,8 @@ class Answer:
         if isinstance(err, QuotaExceeded):
             self.gw.metrics.quota_rejected(err.scope_kind, err.kind)
         tail = sse.error_event(f"{err.message}; the stream was ended here", err.type, err.code)
+        if isinstance(self.translator, InboundAnthropic):
+            tail = self.translator.convert(tail)
         return messages.cut_stream(chunk + tail, err.status)
 
     def _whole(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> messages.ProcessingResponse:

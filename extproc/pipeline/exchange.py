@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Exchange:
     request_id: str
-    endpoint: str  # "chat" | "embeddings"
+    endpoint: str  # "chat" | "embeddings": what the pipeline and the backends serve
     alias: str
     body: dict
     stream: bool = False
@@ -56,6 +56,7 @@ class Exchange:
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers
     failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
     response_seconds: float = 0.0  # Python time spent on response messages
+    inbound: str = "openai"  # the client's schema: "openai", or "anthropic" for POST /v1/messages
 
     def tpot(self) -> float | None:
         """Seconds per output token after the first; streams only."""

@@ -23,6 +23,11 @@ are removed here already, and again by every preparation of a target.
 With quotas on, the body stage then admits the request (``metering.admit``:
 count the prompt, reserve its worst case in every scope in one store call)
 before it is routed; a refusal is a 429 and nothing reaches a provider.
+
+``POST /v1/messages`` (Anthropic's Messages API) takes the same path: its
+body is turned into the OpenAI request every stage reads before validation
+(``providers/inbound_anthropic.py``), the caller's ``x-api-key`` is read as
+its bearer token, and every error, and the answer, leave in Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from extproc.errors import BadRequest, MethodNotAllowed, NotFound, UpstreamError
 from extproc.pipeline.exchange import Exchange
 from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
+from extproc.providers.inbound_anthropic import models_list, to_openai
 
 INTERNAL_PREFIX = "x-tollgate-"
 
@@ -50,11 +56,12 @@ ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embeddings",
     "/v1/models": "models",
+    "/v1/messages": "messages",  # Anthropic's Messages API, served as chat
 }
 
 
 class RouterExchange:
-    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer")
+    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer", "inbound")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -64,6 +71,7 @@ class RouterExchange:
         self.started = time.monotonic()
         self.identity: Identity | None = None
         self.answer = Answer(gw)
+        self.inbound = "openai"  # the client's schema; errors are written in it
 
     def on_request_headers(
         self, req: messages.ProcessingRequest
@@ -71,6 +79,10 @@ class RouterExchange:
         headers = messages.headers_of(req.request_headers)
         self.request_id = headers.get("x-request-id", "")
         eos = req.request_headers.end_of_stream
+        if headers.get(":path", "").split("?", 1)[0].rstrip("/") == "/v1/messages":
+            self.inbound = "anthropic"
+            if "authorization" not in headers and headers.get("x-api-key"):  # Anthropic's own credential header
+                headers = {**headers, "authorization": "Bearer " + headers["x-api-key"]}
         auth = self.gw.auth
         if auth is not None:
             who = auth.authenticate(headers, self.request_id)
@@ -112,6 +124,11 @@ class RouterExchange:
         gw = self.gw
         body = parse_json(req.request_body.body, gw.config.limits.max_request_bytes)
         endpoint = self.endpoint or "chat"
+        raw = req.request_body.body
+        if endpoint == "messages":  # in the OpenAI shape from here on; answered in Anthropic's
+            body = to_openai(body)
+            endpoint = "chat"
+            raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         alias = resolve_alias(body, gw.config, endpoint)
         ident = self.identity
         if ident is not None and gw.auth is not None:
@@ -124,7 +141,7 @@ class RouterExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = ex = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")),
-                                      started_at=self.started, raw_body=req.request_body.body)
+                                      started_at=self.started, raw_body=raw, inbound=self.inbound)
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         gw.exchanges.add(ex)  # holds one reference until this stream closes
@@ -183,7 +200,7 @@ class RouterExchange:
         if self.identity is not None and self.gw.auth is not None:
             names = self.gw.auth.visible(self.identity, names)
         data = [{"id": name, "object": "model", "created": created, "owned_by": models[name].owned_by} for name in names]
-        return json.dumps({"object": "list", "data": data}).encode()
+        return json.dumps(models_list(data)).encode()
 
     def close(self) -> None:
         ex = self.exchange

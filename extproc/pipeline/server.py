@@ -67,12 +67,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         yield resp
                 except GatewayError as err:
                     self._note_error(ex, err)
-                    yield messages.error_response(err, _request_id(ex))
+                    yield messages.error_response(err, _request_id(ex), _anthropic(ex))
                 except Exception:
                     log.exception("exchange failed in %s (request %s)", phase, getattr(ex, "request_id", "?"))
                     err = Internal("the gateway failed to process this request")
                     self._note_error(ex, err)
-                    yield messages.error_response(err, _request_id(ex))
+                    yield messages.error_response(err, _request_id(ex), _anthropic(ex))
         finally:
             self.active -= 1
             ex.close()
@@ -84,6 +84,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.status, exchange.error = err.status, err.code or err.type
         elif isinstance(ex, RouterExchange):
             self.gw.metrics.refused(err.status, err.code or err.type)
+
+
+def _anthropic(ex: RouterExchange | AttemptExchange) -> bool:
+    """Whether the client speaks Anthropic's API (``POST /v1/messages``): its errors then take that shape."""
+    if isinstance(ex, RouterExchange):
+        return ex.inbound == "anthropic"
+    return ex.exchange is not None and ex.exchange.inbound == "anthropic"
 
 
 def _rid(ex: RouterExchange | AttemptExchange) -> str:

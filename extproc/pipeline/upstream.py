@@ -22,6 +22,8 @@ from extproc.pipeline.runtime import Runtime
 from extproc.config import Provider
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.pipeline.exchange import Exchange
+from extproc.providers.base import Translator
+from extproc.providers.inbound_anthropic import InboundAnthropic
 from extproc.providers.registry import make_translator
 
 ROUTE_HEADER = "x-tollgate-route"  # request: which alias's route (set by the router-level stage)
@@ -69,7 +71,10 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     """
     _alias, target, provider = gw.config.target(ex.alias, index)
     auth = gw.vault.headers(provider)
-    translator = make_translator(provider, target, ex.endpoint)
+    translator: Translator = make_translator(provider, target, ex.endpoint)
+    if ex.inbound == "anthropic":
+        estimate = ex.admission.prompt.tokens if ex.admission is not None else 0
+        translator = InboundAnthropic(translator, ex.alias, estimate)
     body = ex.body
     cap = ex.admission.output_cap if ex.admission is not None else None
     if cap is not None:
@@ -77,6 +82,8 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     up = translator.request(body, b"")
     if up.body is None and body is not ex.body:  # the translator keeps it as is, but it is not the client's
         up.body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    elif up.body is None and ex.inbound != "openai":  # the client's bytes are in another schema
+        up.body = ex.raw_body
     set_headers = {":path": up.path, ":authority": provider.authority, **up.headers, **auth}
     if up.body is not None:
         set_headers["content-length"] = str(len(up.body))

@@ -15,6 +15,7 @@ def access_record(ex: Exchange, now: float) -> str:
     rec = {
         "request_id": ex.request_id,
         "endpoint": ex.endpoint,
+        "api": ex.inbound,
         "alias": ex.alias,
         "provider": ex.provider,
         "principal": ex.principal,
