@@ -21,6 +21,9 @@ import yaml
 from extproc.quota.settings import QuotaSettings, parse_quota
 
 PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "demo")
+# What may move a request on to the alias's next target (``models.<alias>.fallback_on``).
+FALLBACK_OUTCOMES = ("5xx", "429", "401", "403", "timeout", "connect_failure", "invalid_answer")
+DEFAULT_FALLBACK_ON = frozenset({"5xx", "429", "timeout", "connect_failure"})  # what Tollgate always did
 ENV_CONFIG = "TOLLGATE_CONFIG"
 DEMO_BASE_URL = "http://tollgate-demo/v1"  # served in-process; Envoy reaches it over a unix socket
 
@@ -75,6 +78,7 @@ class Provider:
     project: str | None = None  # openai
     connect_timeout: float = 5.0
     azure_ad: AzureAd | None = None  # azure_openai: a bearer token from Azure AD instead of api-key
+    key_quarantine: float = 600.0  # a key answered 401/403: left out of the pool this long (or until it changes)
 
     @property
     def tls(self) -> bool:
@@ -113,6 +117,7 @@ class ModelAlias:
     first_byte_timeout: float = 30.0  # no byte for this long (before or during the answer)
     retry_on_429: bool = True
     owned_by: str = "tollgate"
+    fallback_on: frozenset[str] = DEFAULT_FALLBACK_ON  # outcomes of an attempt that move on to the next target
 
 
 @dataclass(frozen=True)
@@ -405,7 +410,7 @@ class _Builder:
             v,
             path,
             {"type", "base_url", "api_key", "api_keys", "api_version", "anthropic_version", "default_max_tokens",
-             "organization", "project", "connect_timeout", "when_env", "azure_ad"},
+             "organization", "project", "connect_timeout", "when_env", "azure_ad", "key_quarantine"},
         )
         when = self.string(m.get("when_env"), f"{path}.when_env")
         if when and not self.env.get(when):
@@ -444,6 +449,7 @@ class _Builder:
             project=self.string(m.get("project"), f"{path}.project"),
             connect_timeout=self.duration(m.get("connect_timeout"), f"{path}.connect_timeout", 5.0),
             azure_ad=azure_ad,
+            key_quarantine=self.duration(m.get("key_quarantine"), f"{path}.key_quarantine", 600.0),
         )
 
     def secrets(self, m: dict[str, Any], path: str) -> tuple[SecretRef, ...]:
@@ -504,7 +510,8 @@ class _Builder:
     def alias(self, name: str, v: Any, path: str, providers: dict[str, Provider | None]) -> ModelAlias | None:
         if not _NAME.match(name):
             raise self.fail(path, "model aliases use letters, digits and . _ : / - (at most 128)")
-        m = self.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by"})
+        m = self.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by",
+                                   "fallback_on"})
         raw = m.get("targets")
         if not isinstance(raw, list) or not raw:
             raise self.fail(f"{path}.targets", "expected a non-empty list of {provider, model}")
@@ -528,7 +535,29 @@ class _Builder:
             first_byte_timeout=self.duration(m.get("first_byte_timeout"), f"{path}.first_byte_timeout", 30.0),
             retry_on_429=self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True),
             owned_by=self.string(m.get("owned_by"), f"{path}.owned_by", default="tollgate") or "tollgate",
+            fallback_on=self.fallback_on(m, path),
         )
+
+    def fallback_on(self, m: dict[str, Any], path: str) -> frozenset[str]:
+        """Which attempt outcomes move on to the next target; without the key, what Tollgate always did."""
+        if "fallback_on" not in m:
+            if self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True):
+                return DEFAULT_FALLBACK_ON
+            return DEFAULT_FALLBACK_ON - {"429"}
+        if "retry_on_429" in m:
+            raise self.fail(f"{path}.retry_on_429", "give fallback_on or retry_on_429, not both (429 goes in fallback_on)")
+        raw = m["fallback_on"]
+        items = raw if isinstance(raw, list) else None
+        if items is None:
+            raise self.fail(f"{path}.fallback_on", f"expected a list of {', '.join(FALLBACK_OUTCOMES)}")
+        out = set()
+        for i, item in enumerate(items):
+            name = str(item)  # YAML reads 401 and 429 as numbers
+            if name not in FALLBACK_OUTCOMES:
+                raise self.fail(f"{path}.fallback_on[{i}]",
+                                f"unknown outcome {name!r} (expected {', '.join(FALLBACK_OUTCOMES)})")
+            out.add(name)
+        return frozenset(out)
 
     # -- identity and access
     def azure_ad(self, v: Any, path: str) -> AzureAd:

@@ -32,7 +32,7 @@ from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
 from extproc.providers.base import Translator
 from extproc.quota.governor import Admission
-from extproc.pipeline.upstream import TARGET_HEADER, parse_target_tag
+from extproc.pipeline.upstream import REQUEST_ID_HEADER, RETRY_HEADER, TARGET_HEADER, parse_target_tag
 
 Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingResponse, ...]"
 
@@ -58,12 +58,13 @@ class Answer:
             out.update(ex.admission.headers())
         tag = parse_target_tag(headers.get(TARGET_HEADER, ""))
         translator = ex.translators.get(tag[1]) if tag is not None and tag[0] == ex.alias else None
-        if tag is None or translator is None:
-            # Envoy's own answer (no target could be reached, or none answered in time): already OpenAI's shape
+        if tag is None or translator is None or headers.get(RETRY_HEADER) == "pass":
+            # Envoy's own answer (no target could be reached, or none answered in time), or the gateway's when
+            # the last slot left was passed over (attempt.py): already OpenAI's shape
             ex.error = ex.error or "upstream_unavailable"
             if status >= 500 and ex.provider is not None:
                 self.gw.metrics.upstream_error(ex.provider, 0)
-            remove = [TARGET_HEADER]
+            remove = [TARGET_HEADER, RETRY_HEADER, REQUEST_ID_HEADER]
             if ex.inbound == "anthropic" and status >= 400 and not req.response_headers.end_of_stream:
                 self.reshape = True
                 remove.append("content-length")
@@ -71,6 +72,9 @@ class Answer:
         _alias, target, provider = self.gw.config.target(ex.alias, tag[1])
         self.translator = translator
         ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, status
+        if ex.outcomes:
+            ex.outcomes[-1][1] = status
+            out["x-tollgate-attempt-outcomes"] = ex.outcome_text()
         if status >= 500 or status == 429:
             self.gw.metrics.upstream_error(provider.name, status)
         out.update({
@@ -78,7 +82,7 @@ class Answer:
             "x-tollgate-model": target.model,
             "x-tollgate-attempts": str(ex.attempts),
         })
-        remove = [TARGET_HEADER]
+        remove = [TARGET_HEADER, REQUEST_ID_HEADER, RETRY_HEADER]
         mode = None
         if not req.response_headers.end_of_stream:
             remove.append("content-length")

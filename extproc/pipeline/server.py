@@ -6,8 +6,9 @@ early, that answer followed by an ImmediateResponse: ``messages.cut_stream``). A
 ImmediateResponse here and nowhere else; any other exception is logged and
 answered with a 500 in the same shape, so one broken exchange never touches
 another. Which filter a stream comes from is told by the gRPC metadata Envoy
-sends (``x-tollgate-filter: gateway | attempt``): every routed request has a
-``gateway`` stream; only a fallback attempt opens an ``attempt`` stream.
+sends (``x-tollgate-filter: gateway | attempt | outcome``): every routed
+request has a ``gateway`` stream; only a fallback attempt opens an ``attempt``
+stream, and only an attempt that failed an ``outcome`` stream.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
 from extproc.pipeline.attempt import AttemptExchange
+from extproc.pipeline.outcome import OutcomeExchange
 from extproc.errors import GatewayError, Internal
 from extproc.pipeline.router import RouterExchange
 
 log = logging.getLogger("tollgate.server")
 
 FILTER_METADATA_KEY = "x-tollgate-filter"
+Stage = RouterExchange | AttemptExchange | OutcomeExchange
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -45,9 +48,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         for key, value in context.invocation_metadata() or ():
             if key == FILTER_METADATA_KEY:
                 role = value
-        ex: RouterExchange | AttemptExchange = (
-            AttemptExchange(self.gw) if role == "attempt" else RouterExchange(self.gw)
-        )
+        ex: Stage
+        if role == "attempt":
+            ex = AttemptExchange(self.gw)
+        elif role == "outcome":
+            ex = OutcomeExchange(self.gw)
+        else:
+            ex = RouterExchange(self.gw)
         self.active += 1
         try:
             async for req in request_iterator:
@@ -77,7 +84,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.active -= 1
             ex.close()
 
-    def _note_error(self, ex: RouterExchange | AttemptExchange, err: GatewayError) -> None:
+    def _note_error(self, ex: Stage, err: GatewayError) -> None:
         log.info("request %s refused: %s %s", _rid(ex) or "-", err.status, err.code or err.type)
         exchange = ex.exchange
         if exchange is not None:
@@ -86,20 +93,20 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.gw.metrics.refused(err.status, err.code or err.type)
 
 
-def _anthropic(ex: RouterExchange | AttemptExchange) -> bool:
+def _anthropic(ex: Stage) -> bool:
     """Whether the client speaks Anthropic's API (``POST /v1/messages``): its errors then take that shape."""
     if isinstance(ex, RouterExchange):
         return ex.inbound == "anthropic"
     return ex.exchange is not None and ex.exchange.inbound == "anthropic"
 
 
-def _rid(ex: RouterExchange | AttemptExchange) -> str:
+def _rid(ex: Stage) -> str:
     if isinstance(ex, RouterExchange):
         return ex.request_id
     return ex.exchange.request_id if ex.exchange else ""
 
 
-def _request_id(ex: RouterExchange | AttemptExchange) -> dict[str, str]:
+def _request_id(ex: Stage) -> dict[str, str]:
     rid = _rid(ex)
     return {"x-request-id": rid} if rid else {}
 

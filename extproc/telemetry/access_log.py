@@ -24,6 +24,7 @@ def access_record(ex: Exchange, now: float) -> str:
         "model": ex.target_model,
         "response_model": ex.response_model,
         "attempts": ex.attempts,
+        "attempt_outcomes": [f"{p}={s if s is not None else 'none'}" for p, s in ex.outcomes],
         "status": ex.status,
         "stream": ex.stream,
         "input_tokens": u.prompt_tokens if u else None,
