@@ -6,8 +6,9 @@ Requests take the keys in turn. A key that a provider answered 401 or 403 is
 *quarantined*: left out until ``key_quarantine`` has passed (then it gets one
 more chance) or until its value changes (a rotated Secret file). A key that got
 a 429 with ``Retry-After`` *cools down* for that long; when every key is cooling,
-the one that is ready soonest is used rather than none (the provider decides,
-not a guess here).
+the one that is ready soonest is used rather than none. When every key is
+quarantined, one is still used (``insist``): the provider decides whether it
+works again, not a guess here, and the alias's fallback policy what follows.
 
 Keys are named by their position (``#0``, ``#1`` …) and where they come from
 (``env:NAME``, ``file:PATH``) in logs and metrics; a value never leaves this
@@ -78,15 +79,18 @@ class KeyPool:
             return Pick(at, value)
         return None
 
-    def usable(self, exclude: Iterable[int] = ()) -> bool:
-        """Whether a key not in ``exclude`` is neither missing nor quarantined (cooling counts as usable)."""
-        now = self._clock()
+    def insist(self, exclude: Iterable[int] = ()) -> Pick | None:
+        """``pick``, or else any key that has a value (untried ones first); None only when none has."""
+        found = self.pick(exclude)
+        if found is not None:
+            return found
         skip = set(exclude)
-        for at, s in enumerate(self._slots):
-            value = None if at in skip else s.read()
-            if value and not self._quarantined(s, value, now):
-                return True
-        return False
+        order = sorted(range(len(self._slots)), key=lambda at: at in skip)
+        for at in order:
+            value = self._slots[at].read()
+            if value:
+                return Pick(at, value)
+        return None
 
     def quarantine(self, slot: int) -> bool:
         """Leave this key out (it was refused); False when it already was out."""

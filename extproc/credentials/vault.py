@@ -106,11 +106,6 @@ class CredentialVault:
         pool = self._pools.get(provider)
         return len(pool) if pool is not None and provider not in self._azure_ad else 0
 
-    def has_key(self, provider: str, exclude: tuple[int, ...] | frozenset[int] = ()) -> bool:
-        """Whether ``provider`` still has a key that is not in ``exclude`` and not quarantined."""
-        pool = self._pools.get(provider)
-        return pool is not None and pool.usable(exclude)
-
     def quarantine(self, provider: str, slot: int, status: int, request_id: str) -> None:
         """``provider`` refused key ``slot`` (401/403): leave it out for a while. Logged by origin, never by value."""
         pool = self._pools[provider]
@@ -133,7 +128,8 @@ class CredentialVault:
                    ) -> tuple[dict[str, str], int | None]:
         """The auth headers for ``provider`` and which key of its pool they carry (None: no pool).
 
-        ``exclude``: keys this request already tried. Raises ``UpstreamError`` when none is usable.
+        ``exclude``: keys this request already tried; they, and quarantined keys, are used only when no
+        other is left (``KeyPool.insist``). Raises ``UpstreamError`` when the provider has no key at all.
         """
         if provider.type == "demo":
             return {}, None
@@ -145,7 +141,7 @@ class CredentialVault:
                 raise UpstreamError(f"no Azure AD token for provider {provider.name}: {why}",
                                     code="azure_ad_token_unavailable")
             return {"authorization": f"Bearer {token}"}, None
-        pick = self._pools[provider.name].pick(exclude)
+        pick = self._pools[provider.name].insist(exclude)
         if pick is None:
             raise UpstreamError(
                 f"no credential is available for provider {provider.name}", code="credential_unavailable"

@@ -58,9 +58,8 @@ class Answer:
             out.update(ex.admission.headers())
         tag = parse_target_tag(headers.get(TARGET_HEADER, ""))
         translator = ex.translators.get(tag[1]) if tag is not None and tag[0] == ex.alias else None
-        if tag is None or translator is None or headers.get(RETRY_HEADER) == "pass":
-            # Envoy's own answer (no target could be reached, or none answered in time), or the gateway's when
-            # the last slot left was passed over (attempt.py): already OpenAI's shape
+        if tag is None or translator is None:
+            # Envoy's own answer (no target could be reached, or none answered in time): already OpenAI's shape
             ex.error = ex.error or "upstream_unavailable"
             if status >= 500 and ex.provider is not None:
                 self.gw.metrics.upstream_error(ex.provider, 0)

@@ -15,12 +15,11 @@ body and credential) for every retry; this stage replaces all of it, and when
 its target takes the client's body unchanged but the primary's did not, it
 sends the client's original bytes.
 
-A key slot (``ALIAS#INDEX~K``, the same target once more) is only for a key
-that was refused: when the attempt before it got a 401/403 and asked for
-another key (``outcome.py`` sets ``Exchange.retry``), it goes out with a key
-this request has not tried. For any other reason (a 5xx moving on to the next
-target, a timeout) the slot is passed over: this stage answers at once with a
-reply that asks Envoy for the next slot, and nothing is sent upstream.
+A key slot (``ALIAS#INDEX~K``, the same target once more) goes out with a
+key of that provider this request has not tried yet. Envoy cannot be told to
+pass over a slot (a reply from an upstream filter ends the whole request, it
+is not retried), so a key slot is used whatever failed before it: a target on
+a provider with a pool gets one more try per other key before the next one.
 """
 
 from __future__ import annotations
@@ -29,21 +28,15 @@ import time
 
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
-from extproc.errors import Internal, error_body
+from extproc.errors import Internal
 from extproc.pipeline.exchange import Exchange
 from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
-    RETRY_HEADER,
     ROUTE_HEADER,
     parse_slot,
     prepare,
 )
-
-
-# The answer of a passed-over slot; the client sees it only when no slot is left after it.
-_PASSED = error_body("no provider could answer this request: the last target tried gave no usable answer",
-                     "api_error", "upstream_unavailable")
 
 
 class AttemptExchange:
@@ -62,8 +55,8 @@ class AttemptExchange:
             raise Internal("the gateway lost track of this request; it was not sent upstream")
         self.exchange = ex
         ex.holders += 1
-        if tag[2] and not self._another_key_wanted(ex, tag[1]):
-            return messages.immediate(503, _PASSED, {RETRY_HEADER: "pass"})
+        if tag[2]:  # a key slot: another key of the same target's provider
+            ex.retry = "key"
         if ex.attempts:  # a retry: the previous target failed, in a way only Envoy saw
             self.gw.metrics.fallback(ex.alias, ex.provider)
             if ex.upstream_sent_at is not None:
@@ -82,13 +75,6 @@ class AttemptExchange:
                                  request_body_mode=messages.NONE, response_header_mode=messages.SKIP,
                                  response_body_mode=messages.NONE)
         return messages.cont("request_headers", set_headers=p.set_headers, remove_headers=remove)
-
-    def _another_key_wanted(self, ex: Exchange, index: int) -> bool:
-        """A key slot of target ``index`` is used only right after that target refused a key."""
-        if ex.retry != "key" or ex.target_index != index:
-            return False
-        provider = self.gw.config.target(ex.alias, index)[2].name
-        return self.gw.vault.has_key(provider, frozenset(k for p, k in ex.tried_keys if p == provider))
 
     def on_request_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         return messages.cont("request_body", body=self.body)

@@ -12,10 +12,10 @@ applies before Envoy picks the next attempt:
   the access log);
 * a 401 or 403 quarantines the key that attempt carried; a 429 with
   ``Retry-After`` cools it down (``credentials/key_pool.py``);
-* the answer gets ``x-tollgate-retry`` when Envoy should try the next slot:
-  ``key`` when the target's provider has a key this request has not tried and
-  a key slot is left for it; ``fallback`` when the alias's ``fallback_on``
-  names this outcome and a later target exists. Without it, this answer is the
+* the answer gets ``x-tollgate-retry`` when Envoy should try the next slot,
+  for a 401/403 or an outcome the alias's ``fallback_on`` names: ``key`` when
+  a key slot of this target follows (the same provider, another key),
+  ``fallback`` when a later target does. Without it, this answer is the
   client's. Statuses are decided here; failures without an answer (refused
   connections, timeouts, resets) are retried by Envoy itself, as the policy
   was rendered (``control/envoy_config.py``).
@@ -95,12 +95,10 @@ class OutcomeExchange:
             wait = retry_after(headers.get("retry-after", ""))
             if wait is not None:
                 gw.vault.cool_down(provider.name, key, wait)
-        if outcome is None:
+        if outcome is None or (outcome not in alias.fallback_on and outcome not in ("401", "403")):
             return None
-        if outcome in ("401", "403") and slot + 1 < key_slots(gw.vault.pool_size(provider.name)):
-            tried = frozenset(k for p, k in ex.tried_keys if p == provider.name)
-            if gw.vault.has_key(provider.name, tried):
-                return "key"
+        if slot + 1 < key_slots(gw.vault.pool_size(provider.name)):
+            return "key"  # Envoy's next slot is this target again: it gets another key (attempt.py)
         if outcome in alias.fallback_on and index + 1 < len(alias.targets):
             return "fallback"
         return None

@@ -83,6 +83,11 @@ class Metrics:
             "a failed attempt goes straight to Envoy's retry, so the gateway never sees it; "
             "tollgate_fallback_reasons_total has why, from Envoy's own counts.",
             ("alias", "from_provider", "reason"), registry=r)
+        self.key_quarantines = Counter(
+            "tollgate_provider_key_quarantined",
+            "Provider keys left out of their pool after the provider refused them (401/403), by provider and key "
+            "position in the pool (#0, #1 ...; never the key).",
+            ("provider", "key"), registry=r)
         self.rejections = Counter(
             "tollgate_quota_rejections",
             "Requests refused (or streams cut) by a token bucket or budget, by kind of scope (principal, team, "
@@ -211,6 +216,10 @@ class Metrics:
         """A later target is tried. How the previous one failed is seen by Envoy only (see the metric's help)."""
         if self.enabled:
             self.fallbacks.labels(self.alias(alias), self.provider(from_provider), "unobserved").inc()
+
+    def key_quarantined(self, provider: str, slot: int) -> None:
+        if self.enabled:
+            self.key_quarantines.labels(self.provider(provider), f"#{slot}").inc()
 
     def upstream_error(self, provider: str, status: int) -> None:
         kind = "no_response" if not status else "429" if status == 429 else f"{status // 100}xx"
