@@ -172,3 +172,7 @@ def test_the_sdks_model_listing_works_against_the_gateway(client):
     assert sorted(ids) == ["claude-sonnet", "claude-then-gpt", "gpt-4o"]
     first = client.models.list().data[0]
     assert first.type == "model" and first.display_name == first.id
+    assert client.models.retrieve("claude-sonnet").id == "claude-sonnet"
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client.models.retrieve("nope")
+    assert caught.value.body["error"]["type"] == "not_found_error"

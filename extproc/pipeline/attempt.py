@@ -30,6 +30,7 @@ from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
 from extproc.errors import Internal
 from extproc.pipeline.exchange import Exchange
+from extproc.pipeline.outcome import classify
 from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
@@ -37,6 +38,14 @@ from extproc.pipeline.upstream import (
     parse_slot,
     prepare,
 )
+
+
+def fallback_reason(ex: Exchange) -> str:
+    """Why the latest attempt failed, for the fallback metric: its outcome, or ``no_response``."""
+    status = ex.outcomes[-1][1] if ex.outcomes else None
+    if status is None:
+        return "no_response"  # refused, timed out or reset: only Envoy saw it
+    return classify(status, "application/json") or ("invalid_answer" if status < 300 else str(status))
 
 
 class AttemptExchange:
@@ -57,8 +66,8 @@ class AttemptExchange:
         ex.holders += 1
         if tag[2]:  # a key slot: another key of the same target's provider
             ex.retry = "key"
-        if ex.attempts:  # a retry: the previous target failed, in a way only Envoy saw
-            self.gw.metrics.fallback(ex.alias, ex.provider)
+        if ex.attempts:  # a retry: the previous attempt failed (outcome.py saw how, if it got an answer)
+            self.gw.metrics.fallback(ex.alias, ex.provider, fallback_reason(ex))
             if ex.upstream_sent_at is not None:
                 ex.failed_attempt_seconds += time.monotonic() - ex.upstream_sent_at
         ex.attempts += 1

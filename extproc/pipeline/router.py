@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import unquote
 from collections.abc import Coroutine
 from typing import Any
 
@@ -79,8 +80,9 @@ class RouterExchange:
         headers = messages.headers_of(req.request_headers)
         self.request_id = headers.get("x-request-id", "")
         eos = req.request_headers.end_of_stream
-        if headers.get(":path", "").split("?", 1)[0].rstrip("/") == "/v1/messages":
-            self.inbound = "anthropic"
+        path = headers.get(":path", "").split("?", 1)[0].rstrip("/")
+        if path == "/v1/messages" or (path.startswith("/v1/models") and "anthropic-version" in headers):
+            self.inbound = "anthropic"  # the model list is shared; its errors follow the SDK that asked
             if "authorization" not in headers and headers.get("x-api-key"):  # Anthropic's own credential header
                 headers = {**headers, "authorization": "Bearer " + headers["x-api-key"]}
         auth = self.gw.auth
@@ -101,6 +103,8 @@ class RouterExchange:
         path = headers.get(":path", "/").split("?", 1)[0].rstrip("/") or "/"
         method = headers.get(":method", "GET")
         endpoint = ENDPOINTS.get(path)
+        if endpoint is None and path.startswith("/v1/models/"):
+            return self._one_model(path.removeprefix("/v1/models/"), method)
         if endpoint is None:
             raise NotFound(f"unknown path {path[:200]!r}; this gateway serves {', '.join(ENDPOINTS)}", code="unknown_url")
         if endpoint == "models":
@@ -193,14 +197,28 @@ class RouterExchange:
             return messages.cont("response_body")
         return self.answer.on_body(self.exchange, req)
 
-    def models_body(self) -> bytes:
-        created = 1_700_000_000
+    def _visible(self) -> list[dict]:
         models = self.gw.config.models
         names = list(models)
         if self.identity is not None and self.gw.auth is not None:
             names = self.gw.auth.visible(self.identity, names)
-        data = [{"id": name, "object": "model", "created": created, "owned_by": models[name].owned_by} for name in names]
-        return json.dumps(models_list(data)).encode()
+        return models_list([{"id": name, "object": "model", "created": 1_700_000_000,
+                             "owned_by": models[name].owned_by} for name in names])["data"]
+
+    def models_body(self) -> bytes:
+        return json.dumps(models_list(self._visible())).encode()
+
+    def _one_model(self, name: str, method: str) -> messages.ProcessingResponse:
+        """``GET /v1/models/{id}``: one alias, in the shape both SDKs read (``models.retrieve``)."""
+        if method != "GET":
+            raise MethodNotAllowed("/v1/models/{id} takes GET")
+        if self.identity is not None and self.gw.auth is not None:
+            self.gw.auth.authorize(self.identity, None, self.request_id)
+        name = unquote(name)
+        found = next((m for m in self._visible() if m["id"] == name), None)
+        if found is None:
+            raise NotFound(f"the model {name[:200]!r} does not exist on this gateway", param="model")
+        return messages.immediate(200, json.dumps(found).encode(), {"x-request-id": self.request_id})
 
     def close(self) -> None:
         ex = self.exchange
