@@ -57,6 +57,8 @@ def retry_after(value: str) -> float | None:
 
 
 class OutcomeExchange:
+    """The processor of one ``outcome`` stream (``base.Processor``): a single response-headers message."""
+
     __slots__ = ("gw",)
 
     def __init__(self, gw: Runtime) -> None:
@@ -65,6 +67,19 @@ class OutcomeExchange:
     @property
     def exchange(self) -> Exchange | None:  # nothing held between messages: one message per stream
         return None
+
+    @property
+    def request_id(self) -> str:
+        return ""
+
+    def on_request_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        return messages.cont("request_headers")  # never asked for (the filter skips the request)
+
+    def on_request_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        return messages.cont("request_body")
+
+    def on_response_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        return messages.cont("response_body")
 
     def on_response_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         headers = messages.headers_of(req.response_headers)
