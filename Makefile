@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
+	$(BIN)/python -m tests.bench.inbound --out tests/bench/inbound.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

@@ -14,7 +14,7 @@ import pytest
 
 from extproc.auth.devtoken import mint_dev_token
 from extproc.config import load_config
-from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, providers_for
+from tests.helpers import ANTHROPIC_KEY, OPENAI_KEY, providers_for
 from tests.fake_provider import Behaviour, count_prompt_tokens, split_reply
 
 pytestmark = pytest.mark.e2e

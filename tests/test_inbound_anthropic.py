@@ -6,10 +6,18 @@ import json
 
 import pytest
 
+from extproc.config import Provider, Target
 from extproc.errors import BadRequest
 from extproc.providers import sse
+from extproc.providers.anthropic import AnthropicTranslator
 from extproc.providers.base import Usage
-from extproc.providers.inbound_anthropic import EventWriter, from_openai_error, message_from_completion, to_openai
+from extproc.providers.inbound_anthropic import (
+    EventWriter,
+    InboundAnthropic,
+    from_openai_error,
+    message_from_completion,
+    to_openai,
+)
 
 
 def chunk(delta: dict, finish: str | None = None) -> bytes:
@@ -141,3 +149,38 @@ def test_a_malformed_request_names_the_parameter(body, param):
     with pytest.raises(BadRequest) as caught:
         to_openai(body)
     assert caught.value.param == param and caught.value.status == 400
+
+
+def test_through_an_anthropic_target_the_events_do_not_depend_on_where_the_providers_bytes_were_cut():
+    upstream = b"".join([
+        sse.encode_json({"type": "message_start", "message": {"id": "m1", "type": "message", "role": "assistant",
+                                                              "model": "claude", "content": [],
+                                                              "usage": {"input_tokens": 9, "output_tokens": 1}}},
+                        "message_start"),
+        sse.encode_json({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                        "content_block_start"),
+        sse.encode_json({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bon"}},
+                        "content_block_delta"),
+        sse.encode_json({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "jour \u00e0"}},
+                        "content_block_delta"),
+        sse.encode_json({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        sse.encode_json({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}},
+                        "message_delta"),
+        sse.encode_json({"type": "message_stop"}, "message_stop"),
+    ])
+    provider = Provider(name="anthropic", type="anthropic", base_url="http://127.0.0.1:1")
+
+    def fresh() -> InboundAnthropic:
+        tr = InboundAnthropic(AnthropicTranslator(provider, Target("anthropic", "claude"), "chat"), "alias")
+        tr.request(to_openai({"model": "alias", "max_tokens": 10, "stream": True,
+                              "messages": [{"role": "user", "content": "hi"}]}), b"")
+        return tr
+
+    whole = fresh().stream_chunk(upstream, True)
+    got = events(whole)
+    assert [name for name, _ in got] == ["message_start", "content_block_start", "content_block_delta",
+                                         "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert got[5][1]["usage"]["input_tokens"] == 9 and got[5][1]["usage"]["output_tokens"] == 3
+    for cut in range(1, len(upstream)):
+        tr = fresh()
+        assert tr.stream_chunk(upstream[:cut], False) + tr.stream_chunk(upstream[cut:], True) == whole, cut

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.credentials.key_pool import KeyPool
-from tests.conftest import ANTHROPIC_KEY, OPENAI_KEY, providers_for
+from tests.helpers import ANTHROPIC_KEY, OPENAI_KEY, providers_for
 from tests.fake_provider import Behaviour
 
 ASK = [{"role": "user", "content": "Say hello."}]

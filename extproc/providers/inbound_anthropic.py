@@ -259,6 +259,10 @@ def message_from_completion(obj: dict, usage: Usage | None, model: str) -> dict:
     }
 
 
+_TEXT_DELTA = ('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+               '"delta":{"type":"text_delta","text":%s}}\n\n')
+
+
 class EventWriter:
     """OpenAI ``chat.completion.chunk`` events in, Anthropic Messages stream events out."""
 
@@ -344,7 +348,8 @@ class EventWriter:
         if isinstance(text, str) and text:
             if self._kind != "text":
                 self._open("text", {"type": "text", "text": ""}, out)
-            self._emit({"type": "text_delta", "text": text}, out)
+            # the event of nearly every chunk: written from a template (a third of the cost of a dict dump)
+            out.append((_TEXT_DELTA % (self._block, json.dumps(text, ensure_ascii=False))).encode())
         for call in delta.get("tool_calls") or ():
             if not isinstance(call, dict):
                 continue
