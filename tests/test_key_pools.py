@@ -239,3 +239,21 @@ def test_429_is_left_out_of_the_policy_and_returned_as_is(start, fake_openai, fa
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="gpt-4o", messages=ASK)
     assert fake_anthropic.requests == []
+
+
+def ext_proc_streams(gw) -> dict[str, int]:
+    """Envoy's count of ext_proc streams: the router-level filter's, and the upstream filters' together."""
+    stats = dict(line.split(": ", 1) for line in gw.admin("/stats").splitlines() if ": " in line)
+    return {"gateway": int(stats["http.tollgate.ext_proc.streams_started"]),
+            "upstream": int(stats.get("http.tollgateext_proc.streams_started", 0))}
+
+
+@pytest.mark.e2e
+def test_an_answer_that_succeeds_opens_no_outcome_stream(start, fake_openai):
+    gw, client = start([OPENAI_KEY], fallback_on=["5xx", "401"])
+    for _ in range(4):
+        client.chat.completions.create(model="gpt-4o", messages=ASK)
+    assert ext_proc_streams(gw) == {"gateway": 4, "upstream": 0}
+    fake_openai.behaviours.append(Behaviour(status=503))
+    client.chat.completions.create(model="gpt-4o", messages=ASK)
+    assert ext_proc_streams(gw) == {"gateway": 5, "upstream": 2}  # the failure's outcome, the fallback's attempt
