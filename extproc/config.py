@@ -115,7 +115,6 @@ class ModelAlias:
     targets: tuple[Target, ...]
     per_try_timeout: float = 60.0  # no response headers in time: next target
     first_byte_timeout: float = 30.0  # no byte for this long (before or during the answer)
-    retry_on_429: bool = True
     owned_by: str = "tollgate"
     fallback_on: frozenset[str] = DEFAULT_FALLBACK_ON  # outcomes of an attempt that move on to the next target
 
@@ -533,13 +532,13 @@ class _Builder:
             targets=tuple(targets),
             per_try_timeout=self.duration(m.get("per_try_timeout"), f"{path}.per_try_timeout", 60.0),
             first_byte_timeout=self.duration(m.get("first_byte_timeout"), f"{path}.first_byte_timeout", 30.0),
-            retry_on_429=self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True),
             owned_by=self.string(m.get("owned_by"), f"{path}.owned_by", default="tollgate") or "tollgate",
             fallback_on=self.fallback_on(m, path),
         )
 
     def fallback_on(self, m: dict[str, Any], path: str) -> frozenset[str]:
-        """Which attempt outcomes move on to the next target; without the key, what Tollgate always did."""
+        """Which attempt outcomes move on to the next target; without the key, what Tollgate always did
+        (``retry_on_429: false``, the older setting, takes 429 out of that)."""
         if "fallback_on" not in m:
             if self.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True):
                 return DEFAULT_FALLBACK_ON
