@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest
 from extproc.providers import sse
 from extproc.providers.anthropic import AnthropicTranslator

@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from extproc.config import Address, GatewayConfig, ModelAlias, Provider
+from extproc.config import Address, GatewayConfig
+from extproc.providers.settings import ModelAlias, Provider
 from extproc.pipeline.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.pipeline.server import FILTER_METADATA_KEY
 from extproc.pipeline.upstream import (
@@ -128,7 +129,7 @@ def _socket(a: Address) -> dict[str, Any]:
 
 def _slots(cfg: GatewayConfig, alias: ModelAlias) -> list[tuple[int, int]]:
     """(target index, key slot) in the order Envoy tries them: each target, then its key slots."""
-    out = []
+    out: list[tuple[int, int]] = []
     for i, t in enumerate(alias.targets):
         p = cfg.providers[t.provider]
         pool = len(p.api_keys) if p.azure_ad is None and p.type != "demo" else 0

@@ -6,64 +6,33 @@ changes, so a rotated key is used for the very next request without a
 restart. A provider with several keys is a pool (``key_pool.py``): keys in
 turn, refused ones quarantined, rate-limited ones cooling down. Azure OpenAI
 providers with ``azure_ad`` get a bearer token from Azure AD instead
-(``auth/azure_ad.py``). Keys never leave this module except as the header
-value sent upstream.
+(``azure_ad.py``); the sources themselves are in ``secrets.py``. Keys never
+leave this module except as the header value sent upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from extproc.config import environment
 from extproc.credentials.azure_ad import AzureAdToken
 from extproc.credentials.key_pool import KeyPool
-from extproc.config import ModelAlias, Provider, SecretRef
+from extproc.credentials.secrets import secret_reader
 from extproc.errors import UpstreamError
+from extproc.providers.settings import ModelAlias, Provider
 
 log = logging.getLogger("tollgate.credentials")
-
-
-class _FileSecret:
-    """A secret file, stat'ed on every use (about a microsecond) and re-read when it changed."""
-
-    __slots__ = ("path", "value", "stamp")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.value: str | None = None
-        self.stamp: tuple[int, int, int] | None = None
-
-    def get(self) -> str | None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != self.stamp:
-                with open(self.path, encoding="utf-8") as f:
-                    self.value = f.read().strip() or None
-                self.stamp = stamp
-        except OSError:
-            self.value, self.stamp = None, None
-        return self.value
-
-
-def secret_reader(ref: SecretRef, env: dict[str, str]) -> Callable[[], str | None]:
-    """A function returning the secret's current value (a file is re-read when it changes)."""
-    if ref.env:
-        value = env.get(ref.env, "").strip() or None
-        return lambda: value
-    f = _FileSecret(ref.file or "")
-    return f.get
 
 
 class CredentialVault:
     def __init__(self, providers: dict[str, Provider], env: dict[str, str] | None = None, *,
                  wait_budget: float = 0.8, clock: Callable[[], float] = time.monotonic,
                  on_quarantine: Callable[[str, int], None] | None = None) -> None:
-        env = dict(os.environ) if env is None else env
+        env = environment() if env is None else env
         self._providers = providers
         self._pools = {
             name: KeyPool([(secret_reader(ref, env), ref.describe()) for ref in p.api_keys], p.key_quarantine, clock)

@@ -9,13 +9,14 @@ The token file is read for every call: Kubernetes rotates projected tokens in pl
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from extproc.config import environment
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -37,7 +38,7 @@ class KubeApi:
 
     @classmethod
     def in_cluster(cls) -> KubeApi:
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host, port = environment().get("KUBERNETES_SERVICE_HOST"), environment().get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
             raise ApiError(0, "not in a pod (KUBERNETES_SERVICE_HOST unset): pass --api-server")
         host = f"[{host}]" if ":" in host else host

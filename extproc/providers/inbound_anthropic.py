@@ -388,17 +388,30 @@ class InboundAnthropic:
         self.model = model  # the alias the client asked for
         self._writer = EventWriter(model, input_estimate)
 
+    # The backend translator's own state, read and written through (the Translator protocol's attributes).
     @property
     def usage(self) -> Usage | None:
         return self.inner.usage
+
+    @usage.setter
+    def usage(self, value: Usage | None) -> None:
+        self.inner.usage = value
 
     @property
     def progress(self) -> StreamProgress:
         return self.inner.progress
 
+    @progress.setter
+    def progress(self, value: StreamProgress) -> None:
+        self.inner.progress = value
+
     @property
     def response_model(self) -> str | None:
         return self.inner.response_model
+
+    @response_model.setter
+    def response_model(self, value: str | None) -> None:
+        self.inner.response_model = value
 
     def request(self, body: dict, raw: bytes) -> UpstreamRequest:
         return self.inner.request(body, raw)

@@ -19,7 +19,7 @@ from extproc.auth.jwks import FileJwks, KeySet
 from extproc.auth.policy import AccessPolicy
 from extproc.auth.token_cache import VerifiedTokens
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import ClaimPaths, Issuer, Team
+from extproc.auth.settings import ClaimPaths, Issuer, Team
 from extproc.errors import Forbidden, Unauthenticated
 from tests.fake_idp import FakeIdP
 

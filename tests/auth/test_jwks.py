@@ -12,7 +12,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from extproc.auth.jwks import FileJwks, JwksError, KeySet, UrlJwks
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import Issuer
+from extproc.auth.settings import Issuer
 from extproc.errors import Unauthenticated, Unavailable
 from tests.fake_idp import FakeIdP
 from tests.harness import free_port

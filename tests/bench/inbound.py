@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.providers import sse
 from extproc.providers.anthropic import AnthropicTranslator
 from extproc.providers.base import Translator

@@ -8,8 +8,11 @@ import time
 import pytest
 
 from extproc.credentials.azure_ad import AzureAdToken
-from extproc.config import AzureAd, ModelAlias, Provider, SecretRef, Target
-from extproc.credentials.vault import CredentialVault, secret_reader
+from extproc.config import SecretRef
+from extproc.credentials.settings import AzureAd
+from extproc.providers.settings import ModelAlias, Provider, Target
+from extproc.credentials.secrets import secret_reader
+from extproc.credentials.vault import CredentialVault
 from extproc.errors import UpstreamError
 from tests.fake_idp import FakeIdP
 from tests.harness import free_port
