@@ -10,11 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.pipeline import messages
+from extproc.pipeline.exchange import Exchange
 from tests.helpers import OPENAI_KEY
 from tests.inprocess import (
     InProcessGateway,
     body_message,
     headers_message,
+    immediate_json,
     request_headers,
     set_headers,
 )
@@ -139,4 +144,27 @@ async def test_an_anthropic_clients_stream_cut_by_its_quota_ends_with_an_anthrop
         error = json.loads(out.decode().rsplit("data: ", 1)[-1])
         assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
         assert "message_stop" not in out.decode()
+        await s.close()
+
+
+async def test_an_answer_a_stage_gives_itself_reaches_an_anthropic_client_in_anthropics_shape(tmp_path):
+    """What a cache hit will do: the stage writes OpenAI's completion; the client of /v1/messages reads a message."""
+    completion = {"id": "chatcmpl-9", "object": "chat.completion", "model": "gpt-4o",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the cache"},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 7, "completion_tokens": 3}}
+
+    def hit(ex: Exchange) -> pb.ProcessingResponse:
+        return messages.immediate(200, json.dumps(completion).encode(), {"x-request-id": ex.request_id})
+
+    async with InProcessGateway(config(), env(tmp_path)) as gw:
+        gw.processor.stages = (hit, *gw.processor.stages)
+        s = gw.open()
+        await s.send(request_headers("/v1/messages", **{"anthropic-version": "2023-06-01"}))
+        body = {"model": "gpt", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}]}
+        status, got, _ = immediate_json(await s.send(body_message("request_body", json.dumps(body).encode())))
+        assert status == 200 and got["type"] == "message" and got["content"] == [{"type": "text",
+                                                                                 "text": "from the cache"}]
+        assert got["usage"]["input_tokens"] == 7 and got["usage"]["output_tokens"] == 3
+        assert got["stop_reason"] == "end_turn"
         await s.close()

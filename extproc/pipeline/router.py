@@ -65,7 +65,7 @@ from extproc.pipeline.exchange import Exchange
 from extproc.pipeline.runtime import Runtime
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
-from extproc.providers.inbound_anthropic import models_list, to_openai
+from extproc.providers.inbound_anthropic import models_list, reshape_answer, to_openai
 
 INTERNAL_PREFIX = "x-tollgate-"
 
@@ -149,6 +149,17 @@ class Route:
                              remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
 
 
+def _for_anthropic(resp: messages.ProcessingResponse, alias: str) -> messages.ProcessingResponse:
+    """A stage's own answer (a cache hit), written in OpenAI's shape, for a client of Anthropic's API."""
+    if resp.WhichOneof("response") != "immediate_response":
+        return resp
+    ir = resp.immediate_response
+    content_type = next((h.header.raw_value.decode() for h in ir.headers.set_headers if h.header.key == "content-type"),
+                        "application/json")
+    ir.body = reshape_answer(ir.status.code, ir.body, content_type, alias)
+    return resp
+
+
 class RouterExchange:
     """The processor of one router-level stream (``base.Processor``)."""
 
@@ -214,7 +225,20 @@ class RouterExchange:
         return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
 
     def on_request_body(self, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
-        return run_stages(self.stages, self._validate(req.request_body.body))
+        ex = self._validate(req.request_body.body)
+        reply = run_stages(self.stages, ex)
+        if ex.inbound != "anthropic":
+            return reply
+        if isinstance(reply, messages.ProcessingResponse):
+            return _for_anthropic(reply, ex.alias)
+        if isinstance(reply, tuple):
+            return reply
+        return self._for_anthropic_later(reply, ex.alias)
+
+    @staticmethod
+    async def _for_anthropic_later(pending: Coroutine[Any, Any, Reply], alias: str) -> Reply:
+        reply = await pending
+        return _for_anthropic(reply, alias) if isinstance(reply, messages.ProcessingResponse) else reply
 
     def _validate(self, raw: bytes) -> Exchange:
         """Check the request and open its exchange: nothing is held and nothing counted before this passed."""

@@ -438,6 +438,26 @@ class InboundAnthropic:
         return self._writer.feed(openai_events, None)
 
 
+def reshape_answer(status: int, body: bytes, content_type: str, model: str) -> bytes:
+    """An answer a stage gave itself in OpenAI's shape (a cache hit: a completion, or a replayed stream),
+    in Anthropic's."""
+    if not 200 <= status < 300:
+        return from_openai_error(status, body)
+    if content_type.startswith("text/event-stream"):
+        return EventWriter(model).feed(body, None)
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(obj, dict):
+        return body
+    u = obj.get("usage")
+    if not isinstance(u, dict):
+        u = {}
+    usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0))
+    return json.dumps(message_from_completion(obj, usage, model), ensure_ascii=False).encode()
+
+
 def models_list(entries: list[dict]) -> dict:
     """``GET /v1/models`` for both SDKs: OpenAI's fields and Anthropic's side by side in one answer."""
     data = [{**e, "type": "model", "display_name": e["id"], "created_at": "2023-11-14T22:13:20Z"} for e in entries]
