@@ -62,7 +62,8 @@ class KubeApi:
     def patch_json(self, path: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
         return self._call("PATCH", path, ops, content_type="application/json-patch+json")
 
-    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+    def _call(self, method: str, path: str, body: Any = None,
+              content_type: str = "application/json") -> dict[str, Any]:
         headers = {"accept": "application/json"}
         if self.token_file:
             headers["authorization"] = "Bearer " + Path(self.token_file).read_text().strip()
@@ -74,11 +75,14 @@ class KubeApi:
         ctx = ssl.create_default_context(cafile=self.ca_file) if self.server.startswith("https:") else None
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=ctx) as resp:  # noqa: S310 - https only
-                return json.loads(resp.read() or b"{}")
+                answer = json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as e:
             raise ApiError(e.code, f"{method} {path}: {_status_message(e)}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError) as e:
             raise ApiError(0, f"{method} {path}: {e}") from None
+        if not isinstance(answer, dict):
+            raise ApiError(0, f"{method} {path}: the answer is not a JSON object")
+        return answer
 
 
 def _status_message(e: urllib.error.HTTPError) -> str:

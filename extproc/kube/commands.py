@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.config import GatewayConfig, environment
+from extproc.control.supervisor import use_uvloop
 from extproc.kube.admission import InjectorPolicy
 from extproc.kube.api import ApiError, KubeApi
 from extproc.kube.certs import CertTarget, ensure_certificates
@@ -75,6 +76,7 @@ def injector_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         print(f"tollgate: {e}", file=sys.stderr)
         return 2
     listen = Listen(args.host, args.port, args.health_port, args.reload_interval, args.shutdown_delay)
+    use_uvloop()  # like the gateway (TOLLGATE_NO_UVLOOP=1: asyncio's own loop); tests/bench/injector.md
     return asyncio.run(serve_injector(Injector(policy, cert, metrics), listen))
 
 
