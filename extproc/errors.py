@@ -11,6 +11,7 @@ ImmediateResponse in one place; nothing else builds error bodies.
       NotFound            404
       MethodNotAllowed    405
       PayloadTooLarge     413
+      GuardrailViolation  400 (a guardrail rule blocked the request or answer)
       QuotaExceeded       429 (Retry-After; which limit refused)
       Internal            500
       UpstreamError       502
@@ -161,3 +162,14 @@ class Internal(GatewayError):
     status = 500
     type = "api_error"
     code = "internal_error"
+
+
+class GuardrailViolation(BadRequest):
+    """400: a guardrail rule blocks this request (or answer). Names the rule, never what matched."""
+
+    code = "guardrail_violation"
+
+    def __init__(self, rule: str, where: str, *, headers: dict[str, str] | None = None) -> None:
+        what = "request" if where == "request" else "answer"
+        super().__init__(f"the {what} was blocked by guardrail rule '{rule}'", param=None, headers=headers)
+        self.rule = rule

@@ -13,7 +13,7 @@ from extproc.providers.anthropic import AnthropicTranslator
 from extproc.providers.base import Usage
 from extproc.providers.inbound_anthropic import (
     EventWriter,
-    InboundAnthropic,
+    answer_body,
     from_openai_error,
     message_from_completion,
     to_openai,
@@ -94,6 +94,15 @@ def test_a_whole_completion_becomes_a_message():
                             "cache_creation_input_tokens": 0}
 
 
+def test_a_whole_answer_reaches_the_client_as_a_message_or_an_error():
+    ok = {"id": "c1", "model": "gpt-4o", "choices": [{"finish_reason": "stop", "message": {"content": "Hi"}}]}
+    got = json.loads(answer_body(200, json.dumps(ok).encode(), Usage(prompt_tokens=3, completion_tokens=1), "alias"))
+    assert got["content"] == [{"type": "text", "text": "Hi"}] and got["usage"]["input_tokens"] == 3
+    failed = json.loads(answer_body(503, b'{"error": {"message": "overloaded"}}', None, "alias"))
+    assert failed == {"type": "error", "error": {"type": "api_error", "message": "overloaded"}}
+    assert json.loads(answer_body(200, b"<html>", None, "alias"))["error"]["type"] == "api_error"
+
+
 def test_an_openai_error_keeps_its_message_and_gets_anthropics_type():
     body = json.loads(from_openai_error(429, b'{"error": {"message": "slow down", "type": "tokens"}}'))
     assert body == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
@@ -170,17 +179,23 @@ def test_through_an_anthropic_target_the_events_do_not_depend_on_where_the_provi
     ])
     provider = Provider(name="anthropic", type="anthropic", base_url="http://127.0.0.1:1")
 
-    def fresh() -> InboundAnthropic:
-        tr = InboundAnthropic(AnthropicTranslator(provider, Target("anthropic", "claude"), "chat"), "alias")
+    def fresh():
+        """The backend translator as answer.py runs it for a client of /v1/messages, and what the client gets."""
+        tr = AnthropicTranslator(provider, Target("anthropic", "claude"), "chat")
         tr.request(to_openai({"model": "alias", "max_tokens": 10, "stream": True,
                               "messages": [{"role": "user", "content": "hi"}]}), b"")
-        return tr
+        writer = EventWriter("alias")
 
-    whole = fresh().stream_chunk(upstream, True)
+        def feed(piece: bytes, end: bool) -> bytes:
+            out = tr.stream_chunk(piece, end)
+            return writer.feed(piece if out is None else out, tr.usage)
+        return feed
+
+    whole = fresh()(upstream, True)
     got = events(whole)
     assert [name for name, _ in got] == ["message_start", "content_block_start", "content_block_delta",
                                          "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
     assert got[5][1]["usage"]["input_tokens"] == 9 and got[5][1]["usage"]["output_tokens"] == 3
     for cut in range(1, len(upstream)):
-        tr = fresh()
-        assert tr.stream_chunk(upstream[:cut], False) + tr.stream_chunk(upstream[cut:], True) == whole, cut
+        feed = fresh()
+        assert feed(upstream[:cut], False) + feed(upstream[cut:], True) == whole, cut

@@ -9,10 +9,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.cache.build import build_cache
+from extproc.cache.stage import CacheStage
 from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig, environment
+from extproc.guardrails.stage import Guardrails
 from extproc.credentials.secrets import redis_password
 from extproc.credentials.vault import CredentialVault
 from extproc.pipeline.exchange import Exchange, Exchanges
@@ -43,6 +46,8 @@ class Runtime:
     auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
     governor: Governor | None = None  # None without a quota section: nothing is counted or limited
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))  # what answers cost
+    cache: CacheStage | None = None  # None without a cache section: every answer says bypass
+    guardrails: Guardrails | None = None  # None without a guardrails section: nothing is scanned
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
@@ -96,6 +101,8 @@ class Runtime:
         """Let pending settlements finish, then close the quota store and ledger."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+        if self.cache is not None:
+            await self.cache.close()
         if self.governor is not None:
             await self.governor.store.close()
             await self.governor.ledger.close()
@@ -106,7 +113,7 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
     password = redis_password(config.redis, env)
     quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
-    return Runtime(
+    rt = Runtime(
         config=config,
         vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config),
                               on_quarantine=metrics.key_quarantined),
@@ -116,7 +123,12 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
         auth=build_authenticator(config, password),
         governor=build_governor(config, password, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
+        guardrails=Guardrails(config.guardrails, metrics.registry) if config.guardrails else None,
     )
+    rt.cache = build_cache(config.cache, registry=metrics.registry, metrics_on=metrics.enabled, spawn=rt.spawn,
+                           ledger=rt.governor.ledger if rt.governor else None, cost_of=rt.cost_micros,
+                           redis_password=password)
+    return rt
 
 
 def build_governor(config: GatewayConfig, redis_password: str | None, metrics: Metrics) -> Governor | None:

@@ -24,8 +24,6 @@ from extproc.pipeline.runtime import Runtime
 from extproc.providers.settings import Provider
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.pipeline.exchange import Exchange
-from extproc.providers.base import Translator
-from extproc.providers.inbound_anthropic import InboundAnthropic
 from extproc.providers.registry import make_translator
 
 ROUTE_HEADER = "x-tollgate-route"  # request: which alias's route (set by the router-level stage)
@@ -90,16 +88,14 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     # another key of the same provider, after one was refused: none this request has tried
     tried = frozenset(k for p, k in ex.tried_keys if p == provider.name) if ex.retry == "key" else frozenset()
     auth, slot = gw.vault.credential(provider, tried)
-    translator: Translator = make_translator(provider, target, ex.endpoint)
-    if ex.inbound == "anthropic":
-        estimate = ex.admission.prompt.tokens if ex.admission is not None else 0
-        translator = InboundAnthropic(translator, ex.alias, estimate)
+    translator = make_translator(provider, target, ex.endpoint)
     body = ex.body
     cap = ex.admission.output_cap if ex.admission is not None else None
     if cap is not None:
         body = {**body, cap_field(provider): cap}
     up = translator.request(body, b"")
-    if up.body is None and body is not ex.body:  # the translator keeps it as is, but it is not the client's
+    redacted = ex.guardrails is not None and ex.guardrails.redacted  # the guardrails replaced some of its text
+    if up.body is None and (body is not ex.body or redacted):  # the translator keeps it, but it is not the client's
         up.body = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     elif up.body is None and ex.inbound != "openai":  # the client's bytes are in another schema
         up.body = ex.raw_body

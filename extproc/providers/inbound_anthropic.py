@@ -5,9 +5,10 @@ stages (authentication, validation, quotas, routing, fallback, metering,
 metrics, the ledger) and every backend translator speak that one schema. So
 an Anthropic request is turned into the OpenAI shape as early as possible
 (``to_openai``, before validation) and the answer back into Anthropic's as late
-as possible: ``InboundAnthropic`` wraps whichever backend translator serves the
-attempt and converts what that one hands to the client (a whole message, SSE
-events, errors). Nothing else in the pipeline knows the client spoke Anthropic.
+as possible: after the backend translator, the guardrails and the cache have
+read it in OpenAI's shape, ``answer.py`` hands the client ``answer_body`` (a
+whole message or an error) or an ``EventWriter``'s events. So the guardrails
+check, and the cache stores, one shape whichever API the client speaks.
 
 An Anthropic target then runs the round trip Anthropic → OpenAI → Anthropic;
 that costs a little CPU per event, and buys one code path for every stage.
@@ -29,7 +30,7 @@ from extproc.errors import BadRequest
 from extproc.errors import anthropic_error_body as error_body
 from extproc.errors import anthropic_error_type as error_type
 from extproc.providers import sse
-from extproc.providers.base import StreamProgress, Translator, UpstreamRequest, Usage
+from extproc.providers.base import Usage
 
 # OpenAI finish_reason -> Anthropic stop_reason
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -373,69 +374,21 @@ class EventWriter:
         self._finished = True
 
 
-class InboundAnthropic:
-    """Wraps the backend translator of one attempt; hands the client Anthropic's shapes.
+def answer_body(status: int, body: bytes, usage: Usage | None, model: str) -> bytes:
+    """A whole answer as the client of ``/v1/messages`` gets it: a message, or an error in Anthropic's shape.
 
-    The backend translator does its own work unchanged (request to its backend,
-    its answer to OpenAI's shape, usage, progress for metering); this only
-    converts that OpenAI-shaped result on its way out.
+    ``body`` is what the backend translator (and the stages reading answers after it: guardrails, the
+    cache) made of the provider's answer, in OpenAI's shape.
     """
-
-    __slots__ = ("inner", "model", "_writer")
-
-    def __init__(self, inner: Translator, model: str, input_estimate: int = 0) -> None:
-        self.inner = inner
-        self.model = model  # the alias the client asked for
-        self._writer = EventWriter(model, input_estimate)
-
-    # The backend translator's own state, read and written through (the Translator protocol's attributes).
-    @property
-    def usage(self) -> Usage | None:
-        return self.inner.usage
-
-    @usage.setter
-    def usage(self, value: Usage | None) -> None:
-        self.inner.usage = value
-
-    @property
-    def progress(self) -> StreamProgress:
-        return self.inner.progress
-
-    @progress.setter
-    def progress(self, value: StreamProgress) -> None:
-        self.inner.progress = value
-
-    @property
-    def response_model(self) -> str | None:
-        return self.inner.response_model
-
-    @response_model.setter
-    def response_model(self, value: str | None) -> None:
-        self.inner.response_model = value
-
-    def request(self, body: dict, raw: bytes) -> UpstreamRequest:
-        return self.inner.request(body, raw)
-
-    def response(self, status: int, body: bytes) -> bytes | None:
-        out = self.inner.response(status, body)
-        data = body if out is None else out
-        if not 200 <= status < 300:
-            return from_openai_error(status, data)
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return error_body(502, "the provider's answer could not be read")
-        if not isinstance(obj, dict):
-            return error_body(502, "the provider's answer could not be read")
-        return json.dumps(message_from_completion(obj, self.inner.usage, self.model), ensure_ascii=False).encode()
-
-    def stream_chunk(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
-        out = self.inner.stream_chunk(chunk, end_of_stream)
-        return self._writer.feed(chunk if out is None else out, self.inner.usage)
-
-    def convert(self, openai_events: bytes) -> bytes:
-        """OpenAI-shaped events the gateway itself adds to a stream (an error when a quota cuts it)."""
-        return self._writer.feed(openai_events, None)
+    if not 200 <= status < 300:
+        return from_openai_error(status, body)
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return error_body(502, "the provider's answer could not be read")
+    if not isinstance(obj, dict):
+        return error_body(502, "the provider's answer could not be read")
+    return json.dumps(message_from_completion(obj, usage, model), ensure_ascii=False).encode()
 
 
 def reshape_answer(status: int, body: bytes, content_type: str, model: str) -> bytes:

@@ -45,7 +45,9 @@ class UsageRecord:
     output_tokens: int
     cached_tokens: int
     micro_usd: int
-    cache_status: str = "bypass"  # hit | miss | bypass
+    cache_status: str = "bypass"  # hit_exact | hit_semantic | miss | bypass
+    saved_tokens: int = 0  # a cache hit: the tokens (input + output) the provider was not asked for
+    saved_micro_usd: int = 0  # a cache hit: what the cached answer cost when it was made
     time: float = 0.0  # seconds since the epoch; set by the ledger
 
     def to_fields(self) -> dict[str, str]:
@@ -63,7 +65,8 @@ class UsageRecord:
 
         return cls(text("request_id"), text("principal"), text("team"), text("alias"), text("provider"),
                    text("model"), number("input_tokens"), number("output_tokens"), number("cached_tokens"),
-                   number("micro_usd"), text("cache_status") or "bypass", time)
+                   number("micro_usd"), text("cache_status") or "bypass", number("saved_tokens"),
+                   number("saved_micro_usd"), time)
 
 
 @dataclass(slots=True)
@@ -73,9 +76,13 @@ class Totals:
     output_tokens: int = 0
     cached_tokens: int = 0
     micro_usd: int = 0
+    saved_tokens: int = 0
+    saved_micro_usd: int = 0
 
     def add(self, r: UsageRecord) -> None:
         self.requests += 1
+        self.saved_tokens += r.saved_tokens
+        self.saved_micro_usd += r.saved_micro_usd
         self.input_tokens += r.input_tokens
         self.output_tokens += r.output_tokens
         self.cached_tokens += r.cached_tokens
@@ -135,6 +142,10 @@ def format_totals(groups: Mapping[str, Totals], by: str | None) -> str:
             s.output_tokens, s.micro_usd = s.output_tokens + t.output_tokens, s.micro_usd + t.micro_usd
         lines.append(f"{'total':<32} {s.requests:>9} {s.input_tokens:>12} {s.cached_tokens:>12} "
                      f"{s.output_tokens:>12} {s.micro_usd / MICROS_PER_USD:>14.6f}")
+    saved_tokens = sum(t.saved_tokens for t in groups.values())
+    if saved_tokens:  # cache hits: recorded at cost 0, with what the provider would have charged
+        saved_usd = sum(t.saved_micro_usd for t in groups.values()) / MICROS_PER_USD
+        lines.append(f"saved by the cache: {saved_tokens} tokens, {saved_usd:.6f} USD")
     return "\n".join(lines)
 
 

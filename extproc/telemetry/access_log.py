@@ -37,5 +37,6 @@ def access_record(ex: Exchange, now: float) -> str:
         "duration_ms": round((now - ex.received_at) * 1000, 2),
         "overhead_ms": round(overhead * 1000, 3) if overhead is not None else None,
         "error": ex.error,
+        "guardrails": ex.guardrails.summary() if ex.guardrails is not None else None,
     }
     return json.dumps(rec, separators=(",", ":"))

@@ -26,7 +26,7 @@ from extproc.providers.settings import Provider, Target
 from extproc.providers import sse
 from extproc.providers.anthropic import AnthropicTranslator
 from extproc.providers.base import Translator
-from extproc.providers.inbound_anthropic import InboundAnthropic, to_openai
+from extproc.providers.inbound_anthropic import EventWriter, answer_body, to_openai
 from extproc.providers.openai import OpenAITranslator
 
 CHUNKS = 50
@@ -66,28 +66,40 @@ def anthropic_stream() -> list[bytes]:
     return out
 
 
-def make(backend: str, inbound: bool) -> Callable[[], Translator]:
-    def build() -> Translator:
-        tr: Translator
+class Answering:
+    """What answer.py does with one attempt's answer: the backend translator, then (for a client of
+    /v1/messages) the Anthropic events or message."""
+
+    def __init__(self, backend: str, inbound: bool) -> None:
+        self.tr: Translator
         if backend == "openai":
-            tr = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
+            self.tr = OpenAITranslator(OPENAI, Target("openai", "gpt-4o"), "chat")
         else:
-            tr = AnthropicTranslator(ANTHROPIC, Target("anthropic", "claude"), "chat")
+            self.tr = AnthropicTranslator(ANTHROPIC, Target("anthropic", "claude"), "chat")
         body = to_openai(ANTHROPIC_REQUEST) if inbound else {**to_openai(ANTHROPIC_REQUEST), "stream_options": None}
-        if inbound:
-            tr = InboundAnthropic(tr, "alias")
-        tr.request({k: v for k, v in body.items() if v is not None}, b"")
-        return tr
-    return build
+        self.tr.request({k: v for k, v in body.items() if v is not None}, b"")
+        self.writer = EventWriter("alias") if inbound else None
+
+    def chunk(self, data: bytes, end: bool) -> bytes | None:
+        out = self.tr.stream_chunk(data, end)
+        return out if self.writer is None else self.writer.feed(data if out is None else out, self.tr.usage)
+
+    def whole(self, data: bytes) -> bytes | None:
+        out = self.tr.response(200, data)
+        return out if self.writer is None else answer_body(200, data if out is None else out, self.tr.usage, "alias")
 
 
-def per_chunk_us(build: Callable[[], Translator], chunks: list[bytes]) -> float:
+def make(backend: str, inbound: bool) -> Callable[[], Answering]:
+    return lambda: Answering(backend, inbound)
+
+
+def per_chunk_us(build: Callable[[], Answering], chunks: list[bytes]) -> float:
     """One round: a fresh translator per stream, as per request (its making is counted in)."""
     started = time.perf_counter()
     for _ in range(REPEAT):
-        tr = build()
+        a = build()
         for i, c in enumerate(chunks):
-            tr.stream_chunk(c, i == len(chunks) - 1)
+            a.chunk(c, i == len(chunks) - 1)
     return (time.perf_counter() - started) / (REPEAT * len(chunks)) * 1e6
 
 
@@ -117,7 +129,7 @@ def main() -> None:
             build = make(backend, client == "anthropic")
             b = best[(client, backend)]
             b[0] = min(b[0], per_chunk_us(build, streams[backend]))
-            b[1] = min(b[1], per_call_us(lambda b=build, k=backend: b().response(200, whole[k])))
+            b[1] = min(b[1], per_call_us(lambda b=build, k=backend: b().whole(whole[k])))
     rows = [(f"{c} → {t}", *best[(c, t)]) for c, t in pairs]
     base_chunk, base_answer = rows[0][1], rows[0][2]
     lines = ["| client → target | µs per streamed chunk | ratio | µs per whole answer (incl. request) | ratio |",
