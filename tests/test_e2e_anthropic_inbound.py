@@ -176,3 +176,23 @@ def test_the_sdks_model_listing_works_against_the_gateway(client):
     with pytest.raises(anthropic.NotFoundError) as caught:
         client.models.retrieve("nope")
     assert caught.value.body["error"]["type"] == "not_found_error"
+
+
+def test_the_guardrails_hold_for_an_anthropic_client_in_both_directions(gateway, fake_openai):
+    # they read the request and the answer in OpenAI's shape, before the answer is written in Anthropic's
+    gw = gateway({"providers": providers_for(fake_openai),
+                  "models": {"gpt-4o": {"targets": [{"provider": "openai", "model": "gpt-4o"}]}},
+                  "guardrails": {"rules": {"card": "redact", "credential": "block"}}})
+    claude = anthropic.Anthropic(base_url=gw.base_url.removesuffix("/v1"), api_key="any", max_retries=0, timeout=30)
+    card = "4111 1111 1111 1111"
+    claude.messages.create(model="gpt-4o", max_tokens=50, messages=[{"role": "user", "content": f"Card {card}?"}])
+    assert card not in fake_openai.requests[0].body.decode()
+    secret = "AKIAZ5GMHYJ7N3XW4QRT"
+    fake_openai.default = Behaviour(reply=f"Sure. The deploy key is {secret} and it works everywhere.", chunks=20)
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with claude.messages.stream(model="gpt-4o", max_tokens=100, messages=ASK) as stream:
+            for text in stream.text_stream:
+                seen.append(text)
+    assert caught.value.body["type"] == "error" and "credential" in caught.value.body["error"]["message"]
+    assert secret[:4] not in "".join(seen) and secret[-4:] not in "".join(seen)
