@@ -119,7 +119,7 @@ def _build_ivf(vectors: np.ndarray, ids: np.ndarray) -> faiss.Index:
         rng.choice(len(vectors), cells * TRAIN_PER_CELL, replace=False)]
     ivf.train(sample)
     ivf.nprobe = NPROBE
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # SWIG-made
     ivf.add_with_ids(vectors, ids)
     return ivf
 
