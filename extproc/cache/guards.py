@@ -12,7 +12,9 @@ prompts also agree on what an embedding blurs:
 - negation (not, never, n't, without, ...) and opposites (increase/decrease,
   buy/sell, before/after, ...);
 - argument order: the word after a directional marker (from, to, into, than,
-  vs, ...) must be the same in both prompts when both use the marker;
+  vs, ...) must be the same in both prompts when both use the marker, and two
+  content words may not trade places across another ("the dog bit the man" /
+  "the man bit the dog": the same words, cosine 0.98);
 - the kind of question: why / where / when / who ask different things about
   the same words ("why does vinegar expire" / "how does vinegar expire").
 
@@ -69,6 +71,12 @@ _OPPOSITES = [
     ("accept", "reject"), ("include", "exclude"), ("ascending", "descending"), ("yesterday", "tomorrow"),
     ("import", "export"), ("sunrise", "sunset"), ("morning", "evening"), ("rich", "poor"), ("light", "dark"),
     ("young", "old"), ("long", "short"), ("tall", "short"), ("big", "small"), ("large", "small"),
+    ("good", "bad"), ("better", "worse"), ("healthy", "unhealthy"), ("agree", "disagree"), ("like", "dislike"),
+    ("allow", "block"), ("allow", "deny"), ("success", "failure"), ("rise", "fall"), ("gain", "lose"),
+    ("connect", "disconnect"), ("lock", "unlock"), ("install", "uninstall"), ("mount", "unmount"),
+    ("subscribe", "unsubscribe"), ("follow", "unfollow"), ("send", "receive"), ("input", "output"),
+    ("most", "least"), ("same", "different"), ("similar", "different"), ("winter", "summer"), ("day", "night"),
+    ("husband", "wife"), ("mother", "father"), ("son", "daughter"), ("brother", "sister"), ("king", "queen"),
 ]
 OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in _OPPOSITES:
@@ -108,6 +116,7 @@ class Features:
     opposites: frozenset[str]  # words that have an opposite
     markers: tuple[tuple[str, str], ...]  # (marker, next content word)
     asks: frozenset[str]  # why / where / when / who
+    content: tuple[str, ...] = ()  # the words that are not stopwords, in order ("and"/"or" pairs sorted)
 
 
 def _canon_number(tok: str) -> str:
@@ -157,7 +166,16 @@ def features(text: str) -> Features:
                 markers.append((_SAME_MARKER.get(w, w), nxt))
     asks = frozenset(w for w in words if w in QUESTION_WORDS)
     return Features(tuple(numbers), frozenset(units), quoted, tuple(names), frozenset(words), negated,
-                    opposites, tuple(markers), asks)
+                    opposites, tuple(markers), asks, _content_sequence(words))
+
+
+def _content_sequence(words: list[str]) -> tuple[str, ...]:
+    """Content words in order; "X and Y" / "X or Y" written in sorted order, since that order means nothing."""
+    w = list(words)
+    for i in range(1, len(w) - 1):
+        if w[i] in ("and", "or") and w[i + 1] < w[i - 1]:
+            w[i - 1], w[i + 1] = w[i + 1], w[i - 1]
+    return tuple(x for x in w if x not in STOPWORDS)
 
 
 def _is_name(tok: str, at_start: bool) -> bool:
@@ -190,9 +208,21 @@ def disagreement(a: Features, b: Features) -> str | None:
         return "question"
     if not _names_agree(a, b):
         return "name"
-    if not _markers_agree(a, b):
+    if not _markers_agree(a, b) or _roles_swapped(a.content, b.content):
         return "order"
     return None
+
+
+def _roles_swapped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """The same words, two of them traded across another: "the dog bit the man" / "the man bit the dog".
+
+    Only a trade of two words with at least one content word between them counts: neighbours that
+    change places ("tallest mountain" / "mountain tallest") are rewordings.
+    """
+    if len(a) != len(b) or a == b or sorted(a) != sorted(b):
+        return False
+    moved = [i for i in range(len(a)) if a[i] != b[i]]
+    return len(moved) == 2 and moved[1] - moved[0] > 1 and a[moved[0]] == b[moved[1]] and a[moved[1]] == b[moved[0]]
 
 
 def _names_agree(a: Features, b: Features) -> bool:
