@@ -80,8 +80,9 @@ TRAIN_PER_CELL = 40  # k-means sample size per cell (FAISS's own floor is 39)
 
 
 def _cells(n: int) -> int:
-    """IVF cells for n vectors: about 2 sqrt(n), at least 64, so a cell holds tens to hundreds of vectors."""
-    return max(64, min(4096, int(2 * math.sqrt(n))))
+    """IVF cells for n vectors: about 2 sqrt(n) (a cell holds tens to hundreds of vectors), at least 64,
+    and few enough that k-means has its TRAIN_PER_CELL points per cell."""
+    return max(64, min(4096, int(2 * math.sqrt(n)), n // TRAIN_PER_CELL))
 
 
 def _flat() -> faiss.Index:
