@@ -70,3 +70,17 @@ def test_scopes_stay_apart_after_promotion() -> None:
     index.add("b0", "team-b|m|c", "p0", vectors[0], 2e9)
     asyncio.run(index.rebuild("team-a|m|c"))
     assert [c.entry_id for c in index.search("team-b|m|c", vectors[0], 4)] == ["b0"]
+
+
+def test_an_ivf_partition_that_grew_fourfold_is_retrained_from_its_own_vectors() -> None:
+    vectors = unit_vectors(4 * IVF_FROM)
+    index = LocalIndex()
+    index.add_many([(f"e{i}", "s", f"p{i}", v, 2e9) for i, v in enumerate(vectors[:IVF_FROM])])
+    asyncio.run(index.rebuild("s"))
+    index.add_many([(f"e{i}", "s", f"p{i}", v, 2e9) for i, v in enumerate(vectors) if i >= IVF_FROM])
+    assert index.wanted() == ["s"]
+    assert asyncio.run(index.rebuild("s")) is True and index.rebuilds == 2
+    found = sum(index.search("s", near(vectors[i], i), 1)[0].entry_id == f"e{i}"
+                for i in range(0, 4 * IVF_FROM, 80))
+    # an approximate search: random vectors (no clusters) are its worst case; real prompts cluster
+    assert found >= 0.99 * len(range(0, 4 * IVF_FROM, 80))
