@@ -6,7 +6,11 @@ import asyncio
 
 import numpy as np
 
+from extproc.cache.entry import Answer
 from extproc.cache.index import IVF_FROM, LocalIndex
+from extproc.cache.keys import Plan, plan
+from extproc.cache.semantic import SemanticCache
+from extproc.cache.store import MemoryCacheStore
 
 
 def unit_vectors(n: int, seed: int = 3) -> np.ndarray:
@@ -84,3 +88,26 @@ def test_an_ivf_partition_that_grew_fourfold_is_retrained_from_its_own_vectors()
                 for i in range(0, 4 * IVF_FROM, 80))
     # an approximate search: random vectors (no clusters) are its worst case; real prompts cluster
     assert found >= 0.99 * len(range(0, 4 * IVF_FROM, 80))
+
+
+def test_the_cache_promotes_a_grown_partition_by_itself_and_answers_alike_before_and_after() -> None:
+    vectors = unit_vectors(IVF_FROM + 1)
+
+    def planned(text: str) -> Plan:
+        p = plan({"messages": [{"role": "user", "content": text}]}, alias="chat", namespace="team")
+        assert isinstance(p, Plan)
+        return p
+
+    async def scenario() -> None:
+        cache = SemanticCache(MemoryCacheStore())
+        for i, v in enumerate(vectors):
+            await cache.insert(planned(f"question {i}"), v, Answer(f"answer {i}", "m", 1, 1, 1),
+                               ttl=3600, max_entries=10 * IVF_FROM)
+        during = await cache.find(planned("question 12, reworded"), near(vectors[12], 12), 0.9)
+        await cache.settle()
+        after = await cache.find(planned("question 12, reworded"), near(vectors[12], 12), 0.9)
+        assert cache.index.rebuilds == 1
+        for d in (during, after):
+            assert d.result == "hit_semantic" and d.entry is not None and d.entry.answer.content == "answer 12"
+
+    asyncio.run(scenario())
