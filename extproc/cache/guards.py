@@ -18,6 +18,11 @@ prompts also agree on what an embedding blurs:
 - the kind of question: why / where / when / who ask different things about
   the same words ("why does vinegar expire" / "how does vinegar expire").
 
+Words are read in any script with accents folded ("Pokémon" = "Pokemon"), a
+hyphen separates words ("IIT-JEE" = "IIT JEE"), and "one" the pronoun ("how
+does one ...") is not a number: on the dev pairs these three wrongly objected to
+eleven paraphrases and let no different-meaning pair through.
+
 Each check is a few set and list comparisons over features extracted once per
 prompt (``features``), so a guard costs microseconds, not an embedding.
 """
@@ -28,7 +33,14 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9'’_\-]*|\d[\d,]*(?:\.\d+)?%?|[$€£¥]")
+# a word: letters of any script, then letters or digits ("Pokémon", "GPT4", "don't"); a hyphen or an
+# underscore separates words, so "IIT-JEE" / "IIT JEE" and "BITSAT-2017" / "BITSAT 2017" read alike
+_WORD = re.compile(r"[^\W\d_][^\W_]*(?:['’][^\W\d_]+)*|\d[\d,]*(?:\.\d+)?%?|[$€£¥]")
+# "one" as a pronoun ("how does one learn", "one should") is no quantity
+_ONE_AFTER = {"does", "do", "can", "could", "should", "would", "will", "must", "might", "may", "makes", "make",
+              "let", "how", "no", "any", "every", "which", "that", "this", "the"}
+_ONE_BEFORE = {"can", "could", "should", "would", "will", "must", "might", "may", "does", "do", "is", "has",
+               "needs", "need", "gets", "get"}
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|`([^`]{1,200})`|(?<![A-Za-z])'([^']{1,200})'(?![A-Za-z])")
 _SENTENCE_END = re.compile(r"[.!?:;]\s+")
 
@@ -140,7 +152,7 @@ def features(text: str) -> Features:
     negated = False
     for m in _WORD.finditer(text):
         tok = m.group(0)
-        low = tok.lower().replace("’", "'")
+        low = _fold(tok.lower().replace("’", "'"))
         flat = low.replace("'", "")
         words.append(low)
         if tok[0].isdigit():
@@ -148,14 +160,15 @@ def features(text: str) -> Features:
             if tok.endswith("%"):
                 units.add("pct")
             continue
-        if low in NUMBER_WORDS:
+        if low in NUMBER_WORDS and not (low == "one" and _pronoun_one(words, text, m.end())):
             numbers.append(NUMBER_WORDS[low])
         if low in UNITS or flat in UNITS:
             units.add(UNITS.get(low) or UNITS[flat])
         if flat in NEGATIONS or low.endswith("n't"):
             negated = True
         at_start = m.start() in starts or text[:m.start()].rstrip().endswith(("\"", "(", "-"))
-        if _is_name(tok, at_start) and low not in names:
+        suffix = len(tok) == 1 and tok.isupper() and text[m.start() - 1:m.start()] == "-"  # ENTJ-A, Plan-B
+        if (suffix or _is_name(tok, at_start)) and low not in names:
             names.append(low)
     opposites = frozenset(w for w in words if w in OPPOSITE)
     markers = []
@@ -176,6 +189,20 @@ def _content_sequence(words: list[str]) -> tuple[str, ...]:
         if w[i] in ("and", "or") and w[i + 1] < w[i - 1]:
             w[i - 1], w[i + 1] = w[i + 1], w[i - 1]
     return tuple(x for x in w if x not in STOPWORDS)
+
+
+def _fold(word: str) -> str:
+    """Accents dropped ("pokémon" -> "pokemon"), so a name written with or without them compares equal."""
+    if word.isascii():
+        return word
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
+def _pronoun_one(words: list[str], text: str, end: int) -> bool:
+    """Whether the "one" just read (the last of ``words``) is the pronoun: "how does one ...", "one can ..."."""
+    before = words[-2] if len(words) > 1 else ""
+    after = _WORD.search(text, end)
+    return before in _ONE_AFTER or (after is not None and after.group(0).lower() in _ONE_BEFORE)
 
 
 def _is_name(tok: str, at_start: bool) -> bool:
