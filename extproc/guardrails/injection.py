@@ -33,7 +33,9 @@ from collections.abc import Iterable
 
 import ahocorasick
 
+from extproc.guardrails.deobfuscate import views
 from extproc.guardrails.findings import Finding
+from extproc.guardrails.intents import FAMILIES, SHELL
 
 _OBJ = (r"(?:instructions?|prompts?|rules|guidelines?|directives?|commands?|programming|restrictions?|constraints?"
         r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders|(?:security|safety) (?:checks|measures|protocols))")
@@ -136,6 +138,7 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
                    "[system]:"), re.compile(
         r"<\|im_start\|>\s*system|<\|system\|>|<<sys>>|\[/?inst\]|<\|endoftext\|>|<\|start_header_id\|>\s*system"
         r"|system\s*override|\[(?:end|new) session\]|\{\s*system\s*:|\[system\]:")),
+    *FAMILIES,
 ]
 # weak signals: substrings; an attack piles them up, an ordinary prompt has one at most
 _WEAK: list[tuple[str, ...]] = [
@@ -158,6 +161,20 @@ MAX_SCAN_CHARS = 65536  # an attack states itself early or late; the middle of a
 
 
 def injections(text: str) -> Iterable[Finding]:
+    """The first phrase found in the text; when none, the first found in what its obfuscation hides."""
+    found = False
+    for f in _plain(text):
+        found = True
+        yield f
+    if found:
+        return
+    for view, start, end in views(text[:MAX_SCAN_CHARS] if len(text) > 2 * MAX_SCAN_CHARS else text):
+        if next(iter(_scan(view, 0)), None) is not None or SHELL.search(view) is not None and start > 0:
+            yield Finding("injection", "injection_obfuscated", start, end)
+            return
+
+
+def _plain(text: str) -> Iterable[Finding]:
     if len(text) > 2 * MAX_SCAN_CHARS:  # head and tail, spans kept in the original coordinates
         yield from _scan(text[:MAX_SCAN_CHARS].lower(), 0)
         yield from _scan(text[-MAX_SCAN_CHARS:].lower(), len(text) - MAX_SCAN_CHARS)
@@ -204,8 +221,8 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
     weak: dict[int, int] = {}
     for end, (size, owners) in _AUTO.iter(low):
         start = end - size + 1
-        if start and low[start - 1].isalnum() and not low[start].isspace():
-            continue  # inside a word ("contact", "abundant")
+        if start and low[start - 1].isalnum() and not low[start].isspace() and low[start] < "\u2e80":
+            continue  # inside a word ("contact", "abundant"); Chinese and Japanese have no word breaks
         for kind, n in owners:
             if kind == "s":
                 strong.setdefault(n, []).append(start)
