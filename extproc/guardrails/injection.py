@@ -105,7 +105,7 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
                 r"(?:prompt|instructions?)(?:\s+(?:template|guidelines|text))?\s+(?:is|are|was|says|reads)\b")),
     ("persona", ("dan", "stan", "dude", "aim", "anti-dan", "antidan", "betterdan", "evil", "jailbr", "nla"), re.compile(
         r"(?:dan|stan|dude|aim|anti-?dan|betterdan|evil[- ]?bot|jailbreak(?:en|ed)?|nla)\b[^.\n]{0,60}"
-        r"\b(?:do anything now|stands? for|mode|no (?:restrictions|limits|filters|rules)|unfiltered|always intelligent)")),
+        r"\b(?:do anything now|stands? for|mode|no (?:restrictions|limits|filters|rules)|unfiltered|always intelligent)\b")),
     ("persona", (" mode",), re.compile(
         r"(?:developer|dev|god|jailbreak|unrestricted|uncensored|unfiltered|evil|opposite|chaos|dan) mode\b[^.\n]{0,40}"
         r"\b(?:enabled|activated|engaged|is now on|turned on)|enable (?:developer|dev|dan|god) mode\b[^.\n]{0,40}\b(?:respond|answer|output|generate|ignore|no )")),
@@ -235,12 +235,20 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
             m = next((m for i in at if (m := rx.match(low, i)) is not None), None)
         else:
             m = rx.search(low)  # only texts holding one of its triggers get here
-        if m is not None:
+        if m is not None and not _quoted(low, m.start(), m.end()):
             yield Finding("injection", f"injection_{detector}", base + m.start(), base + m.end())
             return
     if len(weak) >= MIN_WEAK:
         first = min(weak.values())
         yield Finding("injection", "injection_signals", base + first, base + first + 1)
+
+
+_QUOTES = "\"'“”‘’«»`"
+
+
+def _quoted(low: str, start: int, end: int) -> bool:
+    """A phrase standing alone between quotes is named, not said ("why do 'ignore previous instructions' attacks work")."""
+    return start > 0 and end < len(low) and low[start - 1] in _QUOTES and low[end] in _QUOTES
 
 
 _AUTO = _build()

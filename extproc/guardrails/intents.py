@@ -40,7 +40,7 @@ _GIVE = (r"(?:share|give|provide|disclose|reveal|release|hand over|send|leak|spi
 
 COERCE: list[Family] = [
     ("coerce", (" or ", "or else", "face "), re.compile(
-        rf"{_GIVE}\b[^.\n?]{{0,80}}\bor (?:else\b|i (?:will|'ll|shall)\b|you (?:will|'ll) (?:face|be|regret)\b"
+        rf"{_GIVE}\b[^.\n?]{{0,80}}\bor (?:else,?\s+(?:i|you|we|face|there)\b|i (?:will|'ll|shall)\b|you (?:will|'ll) (?:face|be|regret)\b"
         r"|face\b|suffer\b)")),
     ("coerce", ("if you do not", "if you don't", "if you dont", "unless you"), re.compile(
         rf"(?:if you (?:do not|don'?t)|unless you)\s+(?:\w+\s+){{0,3}}?(?:{_GIVE}|comply|cooperate)\b[^.\n]{{0,80}}"
@@ -75,7 +75,7 @@ _SEED_TOPIC = (r"(?:prompt|template|instructions?|guidelines|rules? (?:of|for) (
 SEEDED: list[Family] = [
     ("seeded", ("begin", "start", "end", "open", "continu", "includ", "contain", "with the line", "with the phrase",
                 "with the sentence"), re.compile(
-        rf"{_SEED_VERB}\s+(?:with\s+)?(?:the\s+(?:line|phrase|sentence|words?)\s+)?[\"'“‘«]"
+        rf"{_SEED_VERB}\s+(?:(?:your|the|my|its)\s+(?:answer|response|reply|output|message|text)\s+)?(?:with\s+)?(?:the\s+(?:line|phrase|sentence|words?)\s+)?[\"'“‘«]"
         rf"[^\"'”’»\n]{{0,80}}?\b{_SEED_TOPIC}")),
     ("seeded", ("finish", "complete", "continue", "story of", "story:"), re.compile(
         r"(?:finish|complete|continue)\s+(?:this|the)\s+(?:sentence|statement|story|text|phrase)(?:\s+of)?\s*:?\s*"
@@ -89,7 +89,12 @@ MODE: list[Family] = [
     ("mode", ("enter", "enable", "activate", "switch", "turn on", "you are now in", "you're now in", "now in",
               "you are in", "unlock", "boot into"), re.compile(
         r"(?:enter(?:ing)?|enable|activate|switch (?:in)?to|turn on|you are (?:now\s+)?in|you're (?:now\s+)?in|now in"
-        rf"|unlock|boot into)\s+(?:the\s+)?(?:\"|'|“)?{_MODE}(?:\"|'|”)?\s+mode\b")),
+        rf"|unlock|boot into)\s+(?:the\s+)?(?:\"|'|“)?{_MODE}(?:\"|'|”)?\s+mode\b"
+        r"(?!\s+(?:on|in|for|of)\s+(?:my|the|an?|your|this)\s+(?:\w+\s+)?(?:android|iphone|phone|device|browser|chrome"
+        r"|windows|mac|game|app|settings|laptop|tv|console|router|car|bios|editor|ide|server|account))")),
+    ("mode", ("two responses", "two answers", "two different responses", "two separate", "two ways"), re.compile(
+        r"two (?:different |separate |distinct )?(?:responses|answers|replies|ways|styles)\b[^.\n]{0,80}"
+        r"\b(?:jailbr\w*|unfiltered|uncensored|unrestricted|no (?:filters|restrictions|limits|rules))")),
     ("mode", ("pretend", "imagine", "suppose", "assume", "act as if", "act like"), re.compile(
         r"(?:pretend|imagine|suppose|assume|act as if|act like)\s+(?:that\s+)?(?:you(?:'re| are| have| had| were)?|we)\s+"
         r"(?:\w+\s+){0,3}?(?:no|zero|without(?: any)?|free (?:of|from)|not bound by|unbound by)\s+"
@@ -149,7 +154,7 @@ MULTILINGUAL: list[Family] = [
         r"(?:忽略|忽视|无视|忘记|忘掉|不要遵守)[^。\n]{0,12}(?:指令|指示|说明|规则|提示|要求|设定)")),
     ("multilingual", ("無視", "忘れ"), re.compile(  # Japanese
         r"(?:指示|命令|ルール|規則|プロンプト|設定)[^。\n]{0,12}(?:無視|忘れ)")),
-    ("multilingual", ("muestra", "revela", "montre", "révèle", "affiche", "zeige", "zeig", "gib", "mostra", "mostre",
+    ("multilingual", ("muestra", "muéstrame", "revela", "montre", "révèle", "affiche", "zeige", "zeig", "gib", "mostra", "mostre",
                       "revele", "rivela", "покажи", "покажите", "выведи", "раскрой"), re.compile(
         r"(?:muestra|muéstrame|revela|montre|montrez|révèle|révélez|affiche|zeige|zeig|gib|mostra|mostre|revele|rivela"
         r"|покажи|покажите|выведи|раскрой)\s+(?:\w+\s+){0,3}?(?:prompt|system-?prompt|systemprompt"
