@@ -7,10 +7,11 @@ letters, leetspeak ("1gn0r3"), spaced or hyphen-split letters
 or rot13. ``views`` gives each undone form once, with the span of the
 original it came from, and the scan runs the same phrase families on it.
 
-Cost: the views are built only after the plain scan found nothing, and only
-from what the text actually holds (a prompt of plain ASCII words with no long
-alphanumeric blob gets the rot13 view alone, and only when short). Decoding is
-bounded: at most ``MAX_BLOBS`` blobs, each at most ``MAX_BLOB`` characters.
+Cost: the views are built only after the plain scan found nothing, only from
+the first and last ``VIEW_CHARS`` characters, and only for what the text shows
+signs of (rot13 only when the text names it: a payload nobody is told to
+decode is no attack). Decoding is bounded: at most ``MAX_BLOBS`` blobs, each at
+most ``MAX_BLOB`` characters.
 """
 
 from __future__ import annotations
@@ -21,58 +22,63 @@ import re
 import unicodedata
 from collections.abc import Iterator
 
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"))
-# Cyrillic and Greek letters drawn like Latin ones (lower case; the scan lower-cases first)
-_HOMOGLYPHS = str.maketrans({"а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j",
-                             "ѕ": "s", "ԁ": "d", "ɡ": "g", "ӏ": "l", "ο": "o", "α": "a", "ν": "v", "ι": "i", "κ": "k",
-                             "τ": "t", "υ": "u", "χ": "x", "ε": "e", "ω": "w", "ѵ": "v"})
-_LEET = str.maketrans("013457@$|!8", "oieastasiib")
-_ODD = re.compile(r"[^\x00-\x7f]|[a-z][0-9@$|][a-z]|[0-9@$][a-z]{2}|(?<![a-z])[a-z][ .\-_*·]{1,5}[a-z][ .\-_*·]{1,5}"
-                  r"[a-z](?![a-z])|[a-z]-[a-z]")
-_MIXED_WORD = re.compile(r"[^\W\d_]+")
-_LEET_WORD = re.compile(r"[a-z0-9@$|!]*[a-z][a-z0-9@$|!]*")
-_SPACED = re.compile(r"(?<![a-z])(?:[a-z](?:[ .\-_*·]{1,5}|\n))+[a-z](?![a-z])")
-_SPLIT = re.compile(r"(?<=[a-z])-\s?(?=[a-z])")
-_BASE64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
-_HEX = re.compile(r"(?:(?:0x|\\x)?[0-9a-fA-F]{2}[\s,:]?){8,}")
-_BINARY = re.compile(r"(?:[01]{8}['\",\s]*){4,}")
+# one table undoes what a masked word is made of: invisible characters dropped, Cyrillic and Greek look-alikes
+# and leetspeak digits mapped to Latin letters (the original text was scanned first, so Russian read as Latin
+# garbage here loses nothing)
+_UNMASK = str.maketrans({**dict.fromkeys("\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"),
+                         "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j",
+                         "ѕ": "s", "ԁ": "d", "ɡ": "g", "ӏ": "l", "ο": "o", "α": "a", "ν": "v", "ι": "i", "κ": "k",
+                         "τ": "t", "υ": "u", "χ": "x", "ε": "e", "ω": "w", "ѵ": "v",
+                         })
+_LONG_TOKEN = re.compile(r"(?<!\S)\S{16,}")
+_BLOB_EDGES = "\"'`()[]{}<>,;:.!?"
+# an invisible character, fullwidth or mathematical letters, Cyrillic or Greek (a Russian text takes the slow path)
+_MASKED = re.compile(r"[\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff\uff01-\uff5e\U0001d400-\U0001d7ff\u0370-\u04ff]")
+_LEET_BYTES = bytes.maketrans(b"013457@$|", b"oieastasi")
+_SPACED = re.compile(r"\b[a-z](?:[ .*_-]{1,5}[a-z]\b){3,}")
+_SPLIT = re.compile(r"(?<=\b[a-z])-(?=[a-z]{2})|(?<=\b[a-z]{2})-(?=[a-z]{2})")
+SPACED_UP_TO = 1024  # spaced-out letters are undone in a short text, or one that is mostly spaces
+_HEX = re.compile(r"\b[0-9a-fA-F]{16,}\b|\b[0-9a-fA-F]{2}(?:[\s,:][0-9a-fA-F]{2}){7,}\b|(?:\\x[0-9a-fA-F]{2}){8,}"
+                  r"|\b0x[0-9a-fA-F]{2}(?:[\s,]+0x[0-9a-fA-F]{2}){7,}")
+_BINARY = re.compile(r"\b[01]{8}(?:['\",\s]+[01]{8}){3,}")
+_ROT13_HINT = ("rot13", "rot-13", "rot 13", "caesar")
+VIEW_CHARS = 2048  # head and tail: what a masked attack must say, it says where the model reads first or last
 MAX_BLOBS = 8
 MAX_BLOB = 4096
-ROT13_UP_TO = 4096
+_B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
 _ROT13 = str.maketrans("abcdefghijklmnopqrstuvwxyz", "nopqrstuvwxyzabcdefghijklm")
+_DIGITS = "0123456789"
 
 
-def views(text: str) -> Iterator[tuple[str, int, int]]:
-    """(lower-cased undone text, start, end in ``text``) for every obfuscation the text shows signs of."""
+def views(text: str) -> Iterator[tuple[str, int, int, bool]]:
+    """(lower-cased undone text, start, end in ``text``, decoded?) for every obfuscation the text shows signs of."""
+    if len(text) > 2 * VIEW_CHARS:
+        yield from _views(text[:VIEW_CHARS], 0)
+        yield from _views(text[-VIEW_CHARS:], len(text) - VIEW_CHARS)
+    else:
+        yield from _views(text, 0)
+
+
+def _views(text: str, base: int) -> Iterator[tuple[str, int, int, bool]]:
     low = text.lower()
-    if _ODD.search(low):
-        plain = unmask(low)
-        if plain != low:
-            yield plain, 0, len(text)
-    if len(text) <= ROT13_UP_TO:
-        yield low.translate(_ROT13), 0, len(text)
-    yield from _decoded(text)
+    plain = unmask(low)
+    if plain != low:
+        yield plain, base, base + len(text), False
+    if any(h in low for h in _ROT13_HINT):
+        yield low.translate(_ROT13), base, base + len(text), False
+    for decoded, start, end in _decoded(text, low):
+        yield decoded, base + start, base + end, True
 
 
 def unmask(low: str) -> str:
-    """Zero-width characters dropped, look-alikes mapped to Latin, leetspeak and spaced letters undone."""
-    s = unicodedata.normalize("NFKC", low.translate(_ZERO_WIDTH)).lower()
-    s = _MIXED_WORD.sub(_latin, s)
-    s = _LEET_WORD.sub(_unleet, s)
-    s = _SPACED.sub(_join, s)
-    return _SPLIT.sub("", s)
-
-
-def _latin(m: re.Match[str]) -> str:
-    w = m.group()
-    if w.isascii() or not any("a" <= c <= "z" for c in w):
-        return w  # a plain word, or a word of another script (Russian stays Russian)
-    return w.translate(_HOMOGLYPHS)
-
-
-def _unleet(m: re.Match[str]) -> str:
-    w = m.group()
-    return w.translate(_LEET) if not w.isalpha() and not w.isdigit() else w
+    """Invisible characters dropped, look-alikes and leetspeak mapped to Latin, spaced and split letters joined."""
+    s = low
+    if not low.isascii() and _MASKED.search(low):
+        s = unicodedata.normalize("NFKC", low).lower().translate(_UNMASK)
+    s = s.encode().translate(_LEET_BYTES).decode()  # UTF-8 keeps ASCII bytes out of other characters: safe, C speed
+    if len(s) <= SPACED_UP_TO or s.count(" ") * 3 > len(s):
+        s = _SPLIT.sub("", _SPACED.sub(_join, s))
+    return s
 
 
 def _join(m: re.Match[str]) -> str:
@@ -83,18 +89,23 @@ def _join(m: re.Match[str]) -> str:
     return "".join(p if p.isalpha() else (" " if len(p) > narrow else "") for p in re.findall(r"[a-z]|[^a-z]+", run))
 
 
-def _decoded(text: str) -> Iterator[tuple[str, int, int]]:
-    """Printable text hidden in base64, hex or binary blobs."""
+def _decoded(text: str, low: str) -> Iterator[tuple[str, int, int]]:
+    """Printable text hidden in base64 or hex tokens, or in spaced hex or binary (only where digits abound)."""
     n = 0
-    for rx, decode in ((_BASE64, _from_base64), (_HEX, _from_hex), (_BINARY, _from_binary)):
-        for m in rx.finditer(text):
+    for m in _LONG_TOKEN.finditer(text):
+        blob = m.group().strip(_BLOB_EDGES)
+        plain = _from_base64(blob[:MAX_BLOB]) or _from_hex(blob[:MAX_BLOB])
+        if plain is not None:
+            yield plain.lower(), m.start(), m.end()
+            n += 1
             if n >= MAX_BLOBS:
                 return
-            blob = m.group()[:MAX_BLOB]
-            plain = decode(blob)
-            if plain is not None:
-                n += 1
-                yield plain.lower(), m.start(), m.end()
+    if sum(low.count(d) for d in _DIGITS) * 4 > len(low):
+        for rx, decode in ((_HEX, _from_hex), (_BINARY, _from_binary)):
+            for m in rx.finditer(text, 0, MAX_BLOB * MAX_BLOBS):
+                plain = decode(m.group()[:MAX_BLOB])
+                if plain is not None:
+                    yield plain.lower(), m.start(), m.end()
 
 
 def _printable(raw: bytes) -> str | None:
@@ -107,7 +118,7 @@ def _printable(raw: bytes) -> str | None:
 
 
 def _from_base64(blob: str) -> str | None:
-    if blob.isalpha() and (blob.islower() or blob.isupper()):
+    if (blob.isalpha() and (blob.islower() or blob.isupper())) or not _B64_CHARS.issuperset(blob):
         return None  # a long word or a name, not an encoding
     try:
         raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)

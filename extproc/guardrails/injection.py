@@ -168,8 +168,8 @@ def injections(text: str) -> Iterable[Finding]:
         yield f
     if found:
         return
-    for view, start, end in views(text[:MAX_SCAN_CHARS] if len(text) > 2 * MAX_SCAN_CHARS else text):
-        if next(iter(_scan(view, 0)), None) is not None or SHELL.search(view) is not None and start > 0:
+    for view, start, end, decoded in views(text):
+        if next(iter(_scan(view, 0)), None) is not None or (decoded and SHELL.search(view) is not None):
             yield Finding("injection", "injection_obfuscated", start, end)
             return
 
@@ -183,21 +183,30 @@ def _plain(text: str) -> Iterable[Finding]:
 
 
 def _leads(pattern: str, triggers: tuple[str, ...]) -> bool:
-    """Whether ``pattern`` opens with a group matching exactly its triggers (then it can be tried only there)."""
+    """Whether ``pattern`` opens with a group matching exactly its triggers (then it can be tried only there).
+
+    A leading group of lookbehinds (what must come before the trigger: a sentence start, say) is skipped.
+    """
+    if pattern.startswith("(?:(?<"):
+        pattern = pattern[_group_end(pattern) + 1:]
     if not pattern.startswith("(?:"):
         return False
+    head = re.compile(pattern[: _group_end(pattern) + 1])
+    return all(head.fullmatch(t) is not None for t in triggers)
+
+
+def _group_end(pattern: str) -> int:
     depth = 0
     for i, c in enumerate(pattern):
         depth += c == "("
         depth -= c == ")"
         if depth == 0:
-            head = re.compile(pattern[: i + 1])
-            return all(head.fullmatch(t) is not None for t in triggers)
-    return False
+            return i
+    return len(pattern) - 1
 
 
-ANCHOR_FROM = 4096  # from this length on, a pattern that opens with its trigger is tried only where one occurs
-MAX_ANCHORS = 256
+ANCHOR_FROM = 0  # a pattern that opens with its trigger is tried only where one occurs
+MAX_ANCHORS = 4096
 
 
 def _build() -> ahocorasick.Automaton:

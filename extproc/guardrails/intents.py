@@ -35,31 +35,33 @@ _SECRET = (r"(?:sensitive|confidential|classified|private|personal|secret|propri
            r"|internal|financial|medical|health|user'?s?|customer|patient'?s?|employee)")
 _DATA = (r"(?:information|info|data|details|records|history|files|documents|secrets|credentials|passwords?"
          r"|login(?: credentials| details)?|api keys?|vulnerabilities)")
-_GIVE = (r"(?:share|give|provide|disclose|reveal|release|hand over|send|leak|spill|tell|expose|grant|transfer"
-         r"|show|divulge|access|retrieve|extract)")
+_GIVE_WORDS = ("share", "give", "provide", "disclose", "reveal", "release", "hand over", "send", "leak", "spill", "tell",
+               "expose", "grant", "transfer", "show", "divulge", "access", "retrieve", "extract")
+_GIVE = "(?:" + "|".join(_GIVE_WORDS) + ")"
 
 COERCE: list[Family] = [
-    ("coerce", (" or ", "or else", "face "), re.compile(
+    ("coerce", _GIVE_WORDS, re.compile(
         rf"{_GIVE}\b[^.\n?]{{0,80}}\bor (?:else,?\s+(?:i|you|we|face|there)\b|i (?:will|'ll|shall)\b|you (?:will|'ll) (?:face|be|regret)\b"
         r"|face\b|suffer\b)")),
     ("coerce", ("if you do not", "if you don't", "if you dont", "unless you"), re.compile(
         rf"(?:if you (?:do not|don'?t)|unless you)\s+(?:\w+\s+){{0,3}}?(?:{_GIVE}|comply|cooperate)\b[^.\n]{{0,80}}"
         r"\bi (?:will|'ll|shall)\b")),
     ("coerce", ("transfer",), re.compile(
-        r"transfer\s+(?:\$?[\d,.]+\s*(?:k|usd|dollars|euros?|btc|bitcoins?)?|(?:the\s+|all\s+|a large sum of\s+|some\s+)?"
+        r"(?:transfer)\s+(?:\$?[\d,.]+\s*(?:k|usd|dollars|euros?|btc|bitcoins?)?|(?:the\s+|all\s+|a large sum of\s+|some\s+)?"
         r"(?:funds|money|bitcoin|crypto))\s+(?:\w+\s+){0,2}?(?:to|into)\s+(?:my|this|our|the following)\s+"
         r"(?:bank\s+|crypto\s+|bitcoin\s+)?(?:account|wallet)")),
     ("coerce", ("share", "give", "provide", "disclose", "reveal", "release", "hand over", "send", "leak", "spill",
-                "expose", "divulge", "tell me", "grant me", "i demand", "i need all", "i require"), re.compile(
-        r"(?:^|[.!?:;]\s*|\n\s*|,\s*|(?:now|immediately|please|just)\s+)"
+                "expose", "divulge", "tell", "grant"), re.compile(
+        r"(?:(?<![\s\S])|(?<=[.!?:;,\n])|(?<=[.!?:;,\n] )|(?<=now )|(?<=please )|(?<=just )|(?<=immediately ))"
         r"(?:share|give|provide|disclose|reveal|release|hand over|send|leak|spill|expose|divulge|tell|grant)"
         rf"(?:\s+(?:me|us))?(?:\s+with)?(?:\s+(?:me|us))?(?:\s+(?:access\s+to|all|the|your|its|any|of|every|that))*"
         rf"(?:\s+\w+)?\s+{_SECRET}(?:\s+\w+)?\s+{_DATA}\b"
         r"(?!\s+(?:handling|protection|security|policy|policies|classification|management|governance|best|laws?"
-        r"|securely|safely|responsibly|regulations?))"
-        rf"|i (?:demand|need|require|want)\s+(?:immediate\s+|full\s+|unrestricted\s+)?(?:access to\s+)?(?:all\s+)?"
-        rf"(?:the\s+|your\s+)?(?:\w+\s+)?{_SECRET}\s+(?:\w+\s+)?{_DATA}\s+(?:immediately|now|without)"
-        r"|spill\s+(?:all\s+)?(?:the\s+|your\s+)?secrets")),
+        r"|securely|safely|responsibly|regulations?))")),
+    ("coerce", ("spill",), re.compile(r"(?:spill)\s+(?:all\s+)?(?:the\s+|your\s+)?secrets")),
+    ("coerce", ("i demand", "i need", "i require", "i want"), re.compile(
+        rf"(?:i demand|i need|i require|i want)\s+(?:immediate\s+|full\s+|unrestricted\s+)?(?:access to\s+)?(?:all\s+)?"
+        rf"(?:the\s+|your\s+)?(?:\w+\s+)?{_SECRET}\s+(?:\w+\s+)?{_DATA}\s+(?:immediately|now|without)")),
     ("coerce", ("patient", "medical record", "medical history", "api key", "social security number"), re.compile(
         r"(?:share|give|provide|send|disclose|reveal|tell|list|hand over)\s+(?:me\s+|us\s+)?(?:with\s+me\s+)?"
         r"(?:access to\s+)?(?:all\s+)?(?:of\s+)?(?:your|the|their|a list of|private|confidential|classified)?\s*"
@@ -73,11 +75,12 @@ _SEED_TOPIC = (r"(?:prompt|template|instructions?|guidelines|rules? (?:of|for) (
                r"|the rules|security|system|hack|breach|classified|confidential|secret code|jailbreak|unrestricted"
                r"|chatbot|openai|chatgpt|irrelevant|ignored|disregard|master of|user authentication|command template)")
 SEEDED: list[Family] = [
-    ("seeded", ("begin", "start", "end", "open", "continu", "includ", "contain", "with the line", "with the phrase",
-                "with the sentence"), re.compile(
+    ("seeded", ("begin", "begins", "beginning", "start", "starts", "starting", "end", "ends", "ending", "open", "opens",
+                "opening", "continue", "continues", "including", "include", "includes", "contain", "contains",
+                "with the line", "with the phrase", "with the sentence"), re.compile(
         rf"{_SEED_VERB}\s+(?:(?:your|the|my|its)\s+(?:answer|response|reply|output|message|text)\s+)?(?:with\s+)?(?:the\s+(?:line|phrase|sentence|words?)\s+)?[\"'“‘«]"
         rf"[^\"'”’»\n]{{0,80}}?\b{_SEED_TOPIC}")),
-    ("seeded", ("finish", "complete", "continue", "story of", "story:"), re.compile(
+    ("seeded", ("finish", "complete", "continue"), re.compile(
         r"(?:finish|complete|continue)\s+(?:this|the)\s+(?:sentence|statement|story|text|phrase)(?:\s+of)?\s*:?\s*"
         rf"(?:with\s+)?[\"'“‘«][^\"'”’»\n]{{0,80}}?\b{_SEED_TOPIC}")),
 ]
@@ -86,7 +89,7 @@ _MODE = (r"(?:developer|dev|debug|debugging|god|admin|administrator|sudo|root|ha
          r"|unfiltered|uncensored|evil|maintenance|superuser|unlocked|dan)")
 _LAW = r"(?:legality|legal|ethics|ethical|morality|moral|morals|consequences|laws?|safety|harm)"
 MODE: list[Family] = [
-    ("mode", ("enter", "enable", "activate", "switch", "turn on", "you are now in", "you're now in", "now in",
+    ("mode", ("enter", "enable", "activate", "switch to", "switch into", "turn on", "you are now in", "you're now in", "now in",
               "you are in", "unlock", "boot into"), re.compile(
         r"(?:enter(?:ing)?|enable|activate|switch (?:in)?to|turn on|you are (?:now\s+)?in|you're (?:now\s+)?in|now in"
         rf"|unlock|boot into)\s+(?:the\s+)?(?:\"|'|“)?{_MODE}(?:\"|'|”)?\s+mode\b"
@@ -122,7 +125,7 @@ SHELL_PAYLOAD = (r"(?:rm\s+-rf\s+/(?:\s|$|\*|`|'|\")|/etc/(?:passwd|shadow)|whoa
           r"|chmod\s+777\s+/|shutil\.rmtree\(\s*['\"]/['\"]|ping\s+-f|base64\s+-d\s*\|\s*(?:ba)?sh|reverse shell"
           r"|ctypes\.cdll|atob\()")
 EXECUTE: list[Family] = [
-    ("execute", ("run", "execute", "bypass", "eval", "exec", "evaluate", "please run", "now run"), re.compile(
+    ("execute", ("run", "execute", "bypass", "eval", "exec", "evaluate"), re.compile(
         r"(?:run|execute|bypass|eval(?:uate)?|exec)\b\s*(?::|this|the following|these|it)?\s*[`'\"]{0,3}"
         rf"[^\n]{{0,120}}?{SHELL_PAYLOAD}")),
     ("execute", ("whoami", "/etc/shadow", "/etc/passwd", "rm -rf /"), re.compile(
@@ -135,7 +138,7 @@ MULTILINGUAL: list[Family] = [
     ("multilingual", ("ignora", "olvida", "olvide", "descarta", "omite"), re.compile(  # Spanish
         r"(?:ignora|ignore|olvida|olvide|descarta|omite)\s+(?:todas?\s+)?(?:las?\s+|tus\s+|sus\s+)?"
         r"(?:instrucciones|indicaciones|órdenes|reglas|directrices)(?:\s+(?:anteriores|previas|del sistema|iniciales))?")),
-    ("multilingual", ("ignore", "oublie", "oubliez", "ne tiens pas", "ne tenez pas"), re.compile(  # French
+    ("multilingual", ("ignore", "oublie", "oubliez", "ne tiens pas compte d", "ne tenez pas compte d"), re.compile(  # French
         r"(?:ignore[zs]?|oublie[zs]?|ne (?:tiens|tenez) pas compte d)\s*(?:de\s+)?(?:toutes\s+)?(?:les|tes|vos|ces)\s+"
         r"(?:instructions|consignes|règles|directives)(?:\s+(?:précédentes|antérieures|ci-dessus|du système|initiales))?")),
     ("multilingual", ("ignorier", "vergiss", "vergessen sie", "missachte"), re.compile(  # German
@@ -147,7 +150,7 @@ MULTILINGUAL: list[Family] = [
         r"(?:\s+(?:anteriores|precedenti|prévias|del sistema|do sistema))?")),
     ("multilingual", ("dimentica", "dimenticate"), re.compile(
         r"(?:dimentica|dimenticate)\s+(?:tutte\s+)?(?:le\s+)?(?:istruzioni|regole)")),
-    ("multilingual", ("игнорир", "забудь", "забудьте", "не обращай"), re.compile(  # Russian
+    ("multilingual", ("игнорир", "забудь", "забудьте", "не обращай внимания на", "не обращайте внимания на"), re.compile(  # Russian
         r"(?:игнорир\w*|забудь(?:те)?|не обращай(?:те)? внимания на)\s+(?:\w+\s+)?(?:все\s+)?(?:\w+\s+)?"
         r"(?:инструкци\w*|указани\w*|правил\w*|команд\w*)")),
     ("multilingual", ("忽略", "忽视", "无视", "忘记", "忘掉", "不要遵守"), re.compile(  # Chinese
