@@ -20,6 +20,7 @@ import base64
 import binascii
 import re
 import unicodedata
+import urllib.parse
 from collections.abc import Iterator
 
 # one table undoes what a masked word is made of: invisible characters dropped, Cyrillic and Greek look-alikes
@@ -41,6 +42,7 @@ SPACED_UP_TO = 1024  # spaced-out letters are undone in a short text, or one tha
 _HEX = re.compile(r"\b[0-9a-fA-F]{16,}\b|\b[0-9a-fA-F]{2}(?:[\s,:][0-9a-fA-F]{2}){7,}\b|(?:\\x[0-9a-fA-F]{2}){8,}"
                   r"|\b0x[0-9a-fA-F]{2}(?:[\s,]+0x[0-9a-fA-F]{2}){7,}")
 _BINARY = re.compile(r"\b[01]{8}(?:['\",\s]+[01]{8}){3,}")
+_PERCENT = re.compile(r"%[0-9a-f]{2}\w+%[0-9a-f]{2}")  # URL-encoded words: "ignore%20all%20previous"
 _ROT13_HINT = ("rot13", "rot-13", "rot 13", "caesar")
 VIEW_CHARS = 2048  # head and tail: what a masked attack must say, it says where the model reads first or last
 MAX_BLOBS = 8
@@ -64,6 +66,8 @@ def _views(text: str, base: int) -> Iterator[tuple[str, int, int, bool]]:
     plain = unmask(low)
     if plain != low:
         yield plain, base, base + len(text), False
+    if "%" in low and _PERCENT.search(low):
+        yield urllib.parse.unquote(low).lower(), base, base + len(text), True
     if any(h in low for h in _ROT13_HINT):
         yield low.translate(_ROT13), base, base + len(text), False
     for decoded, start, end in _decoded(text, low):

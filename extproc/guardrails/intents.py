@@ -95,6 +95,7 @@ MODE: list[Family] = [
         rf"|unlock|boot into)\s+(?:the\s+)?(?:\"|'|“)?{_MODE}(?:\"|'|”)?\s+mode\b"
         r"(?!\s+(?:on|in|for|of)\s+(?:my|the|an?|your|this)\s+(?:\w+\s+)?(?:android|iphone|phone|device|browser|chrome"
         r"|windows|mac|game|app|settings|laptop|tv|console|router|car|bios|editor|ide|server|account))")),
+    ("mode", ("godmode",), re.compile(r"(?:godmode)\s*[:=]?\s*(?:enabled|activated|engaged|unlocked|on\b)")),
     ("mode", ("two responses", "two answers", "two different responses", "two separate", "two ways"), re.compile(
         r"two (?:different |separate |distinct )?(?:responses|answers|replies|ways|styles)\b[^.\n]{0,80}"
         r"\b(?:jailbr\w*|unfiltered|uncensored|unrestricted|no (?:filters|restrictions|limits|rules))")),
@@ -108,8 +109,10 @@ MODE: list[Family] = [
         rf"(?:regardless of|without (?:any )?regard (?:for|to)|no regard (?:for|to)|without (?:any )?(?:hesitation"
         rf"|concerns?) (?:or|for)(?: concerns? for)?)\s+(?:\w+\s+)?{_LAW}\b")),
     ("mode", ("cannot decline", "can't decline", "can not decline", "never decline", "not allowed to decline",
-              "cannot refuse", "can't refuse", "never refuse", "must not refuse", "will not refuse", "won't refuse"),
-     re.compile(r"(?:cannot|can'?t|can not|never|must not|will not|won'?t|not allowed to)\s+(?:decline|refuse)\b"
+              "cannot refuse", "can't refuse", "never refuse", "must not refuse", "will not refuse", "won't refuse",
+              "do not refuse", "don't refuse", "do not decline", "don't decline"),
+     re.compile(r"(?:cannot|can'?t|can not|never|must not|will not|won'?t|not allowed to|do not|don'?t)\s+"
+                r"(?:decline|refuse)\b"
                 r"[^.\n]{0,40}\b(?:any|prompts?|requests?|questions?|anything|orders?|commands?)")),
     ("mode", ("breaking free", "break free", "no rules or", "no rules and", "no limitations", "ignores any",
               "ignores all", "without any restrictions", "without restrictions", "no ethical", "any laws"), re.compile(
