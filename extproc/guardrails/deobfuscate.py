@@ -48,6 +48,7 @@ VIEW_CHARS = 2048  # head and tail: what a masked attack must say, it says where
 MAX_BLOBS = 8
 MAX_BLOB = 4096
 _B64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _ROT13 = str.maketrans("abcdefghijklmnopqrstuvwxyz", "nopqrstuvwxyzabcdefghijklm")
 _DIGITS = "0123456789"
 
@@ -96,9 +97,14 @@ def _join(m: re.Match[str]) -> str:
 def _decoded(text: str, low: str) -> Iterator[tuple[str, int, int]]:
     """Printable text hidden in base64 or hex tokens, or in spaced hex or binary (only where digits abound)."""
     n = 0
+    tried: set[str] = set()
     for m in _LONG_TOKEN.finditer(text):
-        blob = m.group().strip(_BLOB_EDGES)
-        plain = _from_base64(blob[:MAX_BLOB]) or _from_hex(blob[:MAX_BLOB])
+        blob = m.group().strip(_BLOB_EDGES)[:MAX_BLOB]
+        if blob in tried:
+            continue
+        tried.add(blob)
+        # a token of hex digits only is read as hex (base64 of text is never all hex digits)
+        plain = _from_hex(blob) if _HEX_DIGITS.issuperset(blob) else _from_base64(blob)
         if plain is not None:
             yield plain.lower(), m.start(), m.end()
             n += 1

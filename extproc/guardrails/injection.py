@@ -163,23 +163,26 @@ MAX_SCAN_CHARS = 65536  # an attack states itself early or late; the middle of a
 def injections(text: str) -> Iterable[Finding]:
     """The first phrase found in the text; when none, the first found in what its obfuscation hides."""
     found = False
-    for f in _plain(text):
+    seen: set[tuple[str, int]] = set()
+    for f in _plain(text, seen):
         found = True
         yield f
     if found:
         return
     for view, start, end, decoded in views(text):
-        if next(iter(_scan(view, 0)), None) is not None or (decoded and SHELL.search(view) is not None):
+        # an undone view whose triggers the text already had (its digits read as letters, say) says nothing new
+        known = seen if not decoded and len(text) <= 2 * MAX_SCAN_CHARS else None
+        if next(iter(_scan(view, 0, known=known)), None) is not None or (decoded and SHELL.search(view) is not None):
             yield Finding("injection", "injection_obfuscated", start, end)
             return
 
 
-def _plain(text: str) -> Iterable[Finding]:
+def _plain(text: str, seen: set[tuple[str, int]]) -> Iterable[Finding]:
     if len(text) > 2 * MAX_SCAN_CHARS:  # head and tail, spans kept in the original coordinates
         yield from _scan(text[:MAX_SCAN_CHARS].lower(), 0)
         yield from _scan(text[-MAX_SCAN_CHARS:].lower(), len(text) - MAX_SCAN_CHARS)
         return
-    yield from _scan(text.lower(), 0)
+    yield from _scan(text.lower(), 0, seen=seen)
 
 
 def _leads(pattern: str, triggers: tuple[str, ...]) -> bool:
@@ -225,18 +228,15 @@ def _build() -> ahocorasick.Automaton:
     return auto
 
 
-def _scan(low: str, base: int) -> Iterable[Finding]:
-    strong: dict[int, list[int]] = {}
-    weak: dict[int, int] = {}
-    for end, (size, owners) in _AUTO.iter(low):
-        start = end - size + 1
-        if start and low[start - 1].isalnum() and not low[start].isspace() and low[start] < "\u2e80":
-            continue  # inside a word ("contact", "abundant"); Chinese and Japanese have no word breaks
-        for kind, n in owners:
-            if kind == "s":
-                strong.setdefault(n, []).append(start)
-            else:
-                weak.setdefault(n, start)
+def _scan(low: str, base: int, *, seen: set[tuple[str, int]] | None = None,
+          known: set[tuple[str, int]] | None = None) -> Iterable[Finding]:
+    """Findings of ``low``; its triggers are added to ``seen``; nothing is tried when all of them are ``known``."""
+    strong, weak = _triggers(low)
+    keys = {("s", n) for n in strong} | {("w", n) for n in weak}
+    if seen is not None:
+        seen |= keys
+    if known is not None and keys <= known:
+        return
     for n in sorted(strong):
         detector, _t, rx = _STRONG[n]
         at = strong[n]
@@ -250,6 +250,22 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
     if len(weak) >= MIN_WEAK:
         first = min(weak.values())
         yield Finding("injection", "injection_signals", base + first, base + first + 1)
+
+
+def _triggers(low: str) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Where each strong pattern's triggers start, and the first place of each weak signal, in one pass."""
+    strong: dict[int, list[int]] = {}
+    weak: dict[int, int] = {}
+    for end, (size, owners) in _AUTO.iter(low):
+        start = end - size + 1
+        if start and low[start - 1].isalnum() and not low[start].isspace() and low[start] < "\u2e80":
+            continue  # inside a word ("contact", "abundant"); Chinese and Japanese have no word breaks
+        for kind, n in owners:
+            if kind == "s":
+                strong.setdefault(n, []).append(start)
+            else:
+                weak.setdefault(n, start)
+    return strong, weak
 
 
 _QUOTES = "\"'“”‘’«»`"
