@@ -32,7 +32,7 @@ import re
 Family = tuple[str, tuple[str, ...], re.Pattern[str]]
 
 _SECRET = (r"(?:sensitive|confidential|classified|private|personal|secret|proprietary|restricted|top[- ]secret"
-           r"|internal|financial|medical|health|user'?s?|customer|patient'?s?|employee)")
+           r"|medical|patient'?s?)")
 _DATA = (r"(?:information|info|data|details|records|history|files|documents|secrets|credentials|passwords?"
          r"|login(?: credentials| details)?|api keys?|vulnerabilities)")
 _GIVE_WORDS = ("share", "give", "provide", "disclose", "reveal", "release", "hand over", "send", "leak", "spill", "tell",
@@ -72,8 +72,9 @@ COERCE: list[Family] = [
 _SEED_VERB = (r"(?:begins?|beginning|starts?|starting|ends?|ending|opens?|opening|continues?|including|includes?"
               r"|contains?|with the (?:line|phrase|sentence))")
 _SEED_TOPIC = (r"(?:prompt|template|instructions?|guidelines|rules? (?:of|for) (?:this|the) (?:chatbot|ai|assistant|model)"
-               r"|the rules|security|system|hack|breach|classified|confidential|secret code|jailbreak|unrestricted"
-               r"|chatbot|openai|chatgpt|irrelevant|ignored|disregard|master of|user authentication|command template)")
+               r"|the rules|security (?:protocol|measures?|system|breach|is|was|has|of)|system (?:prompt|instructions|security"
+               r"|is|has|was)|hack|breach|classified|confidential|secret code|jailbreak|unrestricted|(?:this|the) chatbot"
+               r"|openai|chatgpt|irrelevant|ignored|disregard|master of|user authentication|command template)")
 SEEDED: list[Family] = [
     ("seeded", ("begin", "begins", "beginning", "start", "starts", "starting", "end", "ends", "ending", "open", "opens",
                 "opening", "continue", "continues", "including", "include", "includes", "contain", "contains",
