@@ -3,8 +3,8 @@
 An attacker who knows a phrase list writes around it: zero-width characters
 inside words, Cyrillic or Greek look-alike letters, fullwidth or mathematical
 letters, leetspeak ("1gn0r3"), spaced or hyphen-split letters
-("i g n o r e", "i-nstruction"), or the whole payload in base64, hex, binary
-or rot13. ``views`` gives each undone form once, with the span of the
+("i g n o r e", "i-nstruction"), or the whole payload in base64, hex, binary,
+URL encoding or rot13. ``views`` gives each undone form once, with the span of the
 original it came from, and the scan runs the same phrase families on it.
 
 Cost: the views are built only after the plain scan found nothing, only from
@@ -29,8 +29,7 @@ from collections.abc import Iterator
 _UNMASK = str.maketrans({**dict.fromkeys("\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"),
                          "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j",
                          "ѕ": "s", "ԁ": "d", "ɡ": "g", "ӏ": "l", "ο": "o", "α": "a", "ν": "v", "ι": "i", "κ": "k",
-                         "τ": "t", "υ": "u", "χ": "x", "ε": "e", "ω": "w", "ѵ": "v",
-                         })
+                         "τ": "t", "υ": "u", "χ": "x", "ε": "e", "ω": "w", "ѵ": "v"})
 _LONG_TOKEN = re.compile(r"(?<!\S)\S{16,}")
 _BLOB_EDGES = "\"'`()[]{}<>,;:.!?"
 # an invisible character, fullwidth or mathematical letters, Cyrillic or Greek (a Russian text takes the slow path)
