@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.guardrails --out tests/bench/guardrails.md
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
+	$(BIN)/python -m tests.bench.inbound --out tests/bench/inbound.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

@@ -62,6 +62,23 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
     ).encode()
 
 
+# HTTP status -> Anthropic's error type (its Messages API names its errors by kind, not by code)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """The same error for a client of Anthropic's API (``POST /v1/messages``):
+    ``{"type": "error", "error": {"type", "message"}}``."""
+    return json.dumps({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}},
+                      ensure_ascii=False).encode()
+
+
 class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"

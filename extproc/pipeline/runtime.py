@@ -115,7 +115,8 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
     rt = Runtime(
         config=config,
-        vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
+        vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config),
+                              on_quarantine=metrics.key_quarantined),
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
         metrics=metrics,
