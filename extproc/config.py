@@ -579,7 +579,7 @@ class _Builder:
                                     "or set quota.default_price")
         if q.store == "memory" and q.ledger_path is None:
             state = self.env.get("XDG_STATE_HOME") or (self.env.get("HOME", "/tmp") + "/.local/state")
-            q = replace(q, ledger_path=state + "/tollgate/usage.jsonl")
+            q = replace(q, ledger_path=state + "/tollgate/quota.sqlite3")
         elif q.ledger_path:
             q = replace(q, ledger_path=self.path(q.ledger_path))
         return q

@@ -14,14 +14,15 @@ line. Example::
       lease: 10m
       stream_slice_tokens: 256         # bound on overshoot per in-flight stream
       default_max_tokens: 4096         # reserved (and injected) when a client sets none
-      ledger: {path: /var/lib/tollgate/usage.jsonl}   # embedded mode; Redis uses a stream
+      ledger: {path: /var/lib/tollgate/quota.sqlite3} # embedded mode: budgets, holds and the ledger (SQLite)
+      redis_pool: {max_connections: 128, wait: 1s}     # Redis mode: a call waits this long for a connection
       prices: {my-deployment: {input: 2.5, output: 10, cached_input: 1.25}}
       default_price: {input: 15, output: 60}          # omit to refuse unpriced models
       context_windows: {my-deployment: 128000}        # tokens; adds to / overrides the shipped table
       limits:
         org: {usd_per_day: 2000}
         teams:
-          ml: {tokens_per_minute: 2000000, usd_per_day: 50}
+          ml: {tokens_per_minute: 2000000, requests_per_minute: 600, usd_per_day: 50}
         principals:
           "*": {tokens_per_minute: 200000, burst: 400000}
         aliases:
@@ -48,6 +49,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 class LimitSpec:
     bucket: TokenBucket | None = None
     budgets: tuple[Budget, ...] = ()
+    requests: TokenBucket | None = None  # requests_per_minute (burst = the rate: a minute's worth)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class QuotaSettings:
     lease_seconds: float = 600.0
     stream_slice_tokens: int = 256
     default_max_tokens: int = 4096
-    ledger_path: str | None = None
+    ledger_path: str | None = None  # embedded mode: the SQLite state file (budgets, holds, ledger)
+    redis_max_connections: int = 128
+    redis_pool_wait: float = 1.0
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))
     context_windows: Mapping[str, int] = field(default_factory=dict)
     org: LimitSpec | None = None
@@ -71,7 +75,7 @@ class QuotaSettings:
 
 
 _KEYS = {"store", "time_zone", "on_store_error", "replicas", "lease", "stream_slice_tokens",
-         "default_max_tokens", "ledger", "prices", "default_price", "context_windows", "limits"}
+         "default_max_tokens", "ledger", "redis_pool", "prices", "default_price", "context_windows", "limits"}
 
 
 def parse_quota(
@@ -99,6 +103,7 @@ def parse_quota(
         parse_price(m["default_price"], f"{where}.default_price") if m.get("default_price") is not None else None,
     )
     limits = _mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
+    pool = _mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
     return QuotaSettings(
         store=store, redis_url=redis_url if store == "redis" else None,
         hash_tag=_hash_tag(key_prefix, "redis.key_prefix"),
@@ -110,6 +115,10 @@ def parse_quota(
         default_max_tokens=_int(m.get("default_max_tokens"), f"{where}.default_max_tokens",
                                 d.default_max_tokens, 1, 1_000_000),
         ledger_path=_str(_mapping(m.get("ledger"), f"{where}.ledger", {"path"}).get("path"), f"{where}.ledger.path"),
+        redis_max_connections=_int(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
+                                   d.redis_max_connections, 1, 10_000),
+        redis_pool_wait=_duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, low=0.001,
+                                  high=60),
         prices=prices,
         context_windows={str(k): _int(v, f"{where}.context_windows.{k}", 0, 1, 100_000_000)
                          for k, v in _mapping(m.get("context_windows"), f"{where}.context_windows", None).items()},
@@ -126,21 +135,25 @@ def _limits(v: Any, where: str) -> dict[str, LimitSpec]:
 
 
 def _limit(v: Any, where: str) -> LimitSpec:
-    m = _mapping(v, where, {"tokens_per_minute", "burst", "usd_per_day", "usd_per_month"})
+    m = _mapping(v, where, {"tokens_per_minute", "burst", "requests_per_minute", "usd_per_day", "usd_per_month"})
     if not m:
-        raise ValueError(f"{where}: give tokens_per_minute and/or usd_per_day / usd_per_month")
+        raise ValueError(f"{where}: give tokens_per_minute, requests_per_minute and/or usd_per_day / usd_per_month")
     bucket = None
     if m.get("tokens_per_minute") is not None:
         rate = _int(m["tokens_per_minute"], f"{where}.tokens_per_minute", 0, 1, MAX_TOKENS)
         bucket = TokenBucket(rate, _int(m.get("burst"), f"{where}.burst", rate, 1, MAX_TOKENS))
     elif m.get("burst") is not None:
         raise ValueError(f"{where}.burst: needs tokens_per_minute")
+    requests = None
+    if m.get("requests_per_minute") is not None:
+        rpm = _int(m["requests_per_minute"], f"{where}.requests_per_minute", 0, 1, MAX_TOKENS)
+        requests = TokenBucket(rpm, rpm)
     budgets: list[Budget] = []
     if m.get("usd_per_day") is not None:
         budgets.append(Budget("day", _usd(m["usd_per_day"], f"{where}.usd_per_day")))
     if m.get("usd_per_month") is not None:
         budgets.append(Budget("month", _usd(m["usd_per_month"], f"{where}.usd_per_month")))
-    return LimitSpec(bucket, tuple(budgets))
+    return LimitSpec(bucket, tuple(budgets), requests)
 
 
 def _mapping(v: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
@@ -175,7 +188,7 @@ def _usd(v: Any, where: str) -> int:
     return int(micro)
 
 
-def _duration(v: Any, where: str, default: float) -> float:
+def _duration(v: Any, where: str, default: float, *, low: float = 1, high: float = 86_400) -> float:
     if v is None:
         return default
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -184,8 +197,9 @@ def _duration(v: Any, where: str, default: float) -> float:
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
     else:
         raise ValueError(f"{where}: expected a duration such as 30s, 10m or 1h")
-    if not 1 <= seconds <= 86_400:
-        raise ValueError(f"{where}: expected from 1s to 24h")
+    if not low <= seconds <= high:
+        span = "1s to 24h" if (low, high) == (1, 86_400) else f"{low:g}s to {high:g}s"
+        raise ValueError(f"{where}: expected from {span}")
     return seconds
 
 
