@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.quota >> tests/bench/results.md
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
+	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate
