@@ -205,6 +205,8 @@ class SqliteLedger:
         return await self._writer.waiter(answers_last_record=True)
 
     async def records(self, *, since: float, until: float | None = None) -> AsyncIterator[UsageRecord]:
+        if self._writer is not None:
+            self._writer.flush()  # what this process settled a moment ago is part of the answer
         for r in await asyncio.to_thread(self._read, since, until):
             yield r
 

@@ -14,7 +14,6 @@ times are integer milliseconds.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import math
 import threading
@@ -83,13 +82,12 @@ class MemoryQuotaStore:
         tz: ZoneInfo,
         clock: Clock = SYSTEM_CLOCK,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
-        lock: threading.Lock | None = None,
         state: StateFile | None = None,
     ) -> None:
         self._tz = tz
         self._clock = clock
         self._retention_ms = int(retention_seconds * 1000)
-        self._lock = lock or threading.Lock()
+        self._lock = threading.Lock()
         self._state = state  # None: memory only
         self._buckets: dict[str, tuple[int, int]] = {}  # key -> (units, last refill ms)
         self._spent: dict[str, int] = {}  # budget period key -> micro-dollars
@@ -224,7 +222,7 @@ class MemoryQuotaStore:
 
     async def close(self) -> None:
         if self._state is not None:
-            await asyncio.to_thread(self._state.close)
+            self._state.close()  # the last commit, on the loop: nothing may change the store meanwhile
 
     # -- limits
 
@@ -367,10 +365,9 @@ def open_embedded(
     a duplicate settle can only come soon after the first, and a day of ids
     in memory would grow with the traffic.
     """
-    lock = threading.Lock()
-    state = StateFile(path, lock)
+    state = StateFile(path)
     loaded = state.load(clock.now())
-    store = MemoryQuotaStore(tz=tz, clock=clock, retention_seconds=retention_seconds, lock=lock, state=state)
+    store = MemoryQuotaStore(tz=tz, clock=clock, retention_seconds=retention_seconds, state=state)
     store._buckets.update(loaded.buckets)
     store._spent.update(loaded.spent)
     return store, loaded.recovered
