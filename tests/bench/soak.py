@@ -192,8 +192,10 @@ def soak(store: str, tmp: Path, fake_port: int, redis: RedisProcess, minutes: fl
 def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str, str]) -> str:
     lines = [
         f"# Soak: {minutes:g} minutes at 70 % of the maximum, per store (`python -m tests.bench.soak`)", "",
-        f"Machine: {facts.get('cpu', '?')}, {facts.get('cores', '?')} cores; windows of {window_s:g} s; "
-        "non-streaming ~2 KB chat prompt, quotas on 4 limits, metrics and access log on.", "",
+        f"Machine: {facts.get('CPU', '?')}, {facts.get('nproc', '?')} cores, load average at start "
+        f"{facts.get('load average at start', '?')} (at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}); "
+        f"windows of {window_s:g} s; non-streaming ~2 KB chat prompt, quotas on 4 limits (requests, tokens, "
+        "two budgets), metrics and access log on.", "",
         "| store | max req/s | soak req/s | served | errors | ledger records added | RSS first → last window (MB) "
         "| p99 first → last window (ms) |",
         "|---|---:|---:|---:|---:|---:|---|---|",
