@@ -11,6 +11,7 @@ import tempfile
 
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
 from extproc.config import ConfigError, load_config
+from extproc.kube import commands as kube_commands
 from extproc.quota import commands as quota_commands
 
 
@@ -32,20 +33,26 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config")
     inj = sub.add_parser("inject", help="add the Tollgate sidecar to Kubernetes workloads (like kube-inject)")
     inj.add_argument("-f", "--filename", required=True, help="manifest file, or - for standard input")
-    inj.add_argument("--config", help="the gateway config the pods will run (checked for pod use)")
-    inj.add_argument("--image", help="the Tollgate image (python + `pip install tollgate`)")
-    inj.add_argument("--config-map", help="ConfigMap holding tollgate.yaml and envoy.yaml")
-    inj.add_argument("--secret", help="Secret with the provider keys ('' for none)")
-    inj.add_argument("--drain-seconds", type=int, help="longest wait for in-flight streams on shutdown")
+    kube_commands.add_option_args(inj)
     inj.add_argument("--native-sidecars", action="store_true", help="use init-container sidecars (Kubernetes 1.29+)")
+    mesh = sub.add_parser("render-mesh", help="print Tollgate's config for a mesh's Envoy (Istio, Envoy Gateway)")
+    mesh.add_argument("--config")
+    mesh.add_argument("--mesh", choices=("istio", "envoy-gateway"), default="istio")
+    mesh.add_argument("--name", default="tollgate")
+    mesh.add_argument("--namespace", default="default")
+    mesh.add_argument("--selector", default="", help="istio: labels of the workloads to change, e.g. app=web")
+    mesh.add_argument("--route", default="", help="envoy-gateway: the HTTPRoute the policy attaches to")
     add_parsers(sub)
     quota_commands.add_parsers(sub)
+    kube_commands.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command == "injector-certs":
+        return kube_commands.certs_command(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -66,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return quota_commands.spend_command(cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
+    if args.command == "injector":
+        return kube_commands.injector_command(cfg, args)
+    if args.command == "render-mesh":
+        return _render_mesh(cfg, args)
     from extproc.telemetry.logs import setup_logging
     from extproc.control.supervisor import serve, use_uvloop
 
@@ -82,25 +93,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inject(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from extproc.kube.inject import InjectError, InjectOptions, check_config, inject_yaml
+    from extproc.kube.inject import InjectError, inject_yaml
 
-    given = {
-        "image": args.image,
-        "config_map": args.config_map,
-        "secret": (args.secret or None) if args.secret is not None else ...,
-        "drain_seconds": args.drain_seconds,
-        "native_sidecars": True if args.native_sidecars else None,
-    }
-    overrides = {k: v for k, v in given.items() if v is not None and v is not ...}
-    if args.secret == "":
-        overrides["secret"] = None
     try:
         text = sys.stdin.read() if args.filename == "-" else open(args.filename, encoding="utf-8").read()
-        opts = InjectOptions.from_config(cfg, **overrides) if args.config else InjectOptions(**overrides)
-        for problem in check_config(cfg, opts) if args.config else []:
-            print(f"tollgate: warning: {problem}", file=sys.stderr)
-        sys.stdout.write(inject_yaml(text, opts))
+        native = {"native_sidecars": True} if args.native_sidecars else {}
+        sys.stdout.write(inject_yaml(text, kube_commands.options_from_args(cfg, args, **native)))
     except (InjectError, OSError) as e:
+        print(f"tollgate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _render_mesh(cfg, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from extproc.control.mesh import render_mesh_yaml
+
+    try:
+        sys.stdout.write(render_mesh_yaml(cfg, kind=args.mesh, name=args.name, namespace=args.namespace,
+                                          selector=args.selector, route=args.route))
+    except ValueError as e:
         print(f"tollgate: {e}", file=sys.stderr)
         return 2
     return 0

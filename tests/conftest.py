@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,11 +10,35 @@ import pytest
 
 from tests.fake_provider import FakeProvider
 from tests.harness import Gateway
+from tests.helpers import ANTHROPIC_KEY, AZURE_KEY, KEYS, OPENAI_KEY, providers_for
 
-OPENAI_KEY = "sk-canary-openai-7f3a9c"
-AZURE_KEY = "azure-canary-key-51b2e8"
-ANTHROPIC_KEY = "sk-ant-canary-d04c61"
-KEYS = {"OPENAI_KEY": OPENAI_KEY, "AZURE_KEY": AZURE_KEY, "ANTHROPIC_KEY": ANTHROPIC_KEY}
+__all__ = ["ANTHROPIC_KEY", "AZURE_KEY", "KEYS", "OPENAI_KEY", "providers_for"]  # older imports still work
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """The one async test runner: an ``async def`` test runs on a fresh event loop of its own.
+
+    A test (or its fixtures) that asks for ``runner`` shares that loop, so clients
+    opened by a fixture are used and closed on the loop that made them.
+    """
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {n: pyfuncitem.funcargs[n] for n in pyfuncitem._fixtureinfo.argnames}
+    shared: asyncio.Runner | None = pyfuncitem.funcargs.get("runner")
+    if shared is not None:
+        shared.run(pyfuncitem.obj(**args))
+    else:
+        with asyncio.Runner() as own:
+            own.run(pyfuncitem.obj(**args))
+    return True
+
+
+@pytest.fixture
+def runner() -> Iterator[asyncio.Runner]:
+    """An event loop for a test and its fixtures (see ``pytest_pyfunc_call``)."""
+    with asyncio.Runner() as r:
+        yield r
 
 
 @pytest.fixture
@@ -31,19 +57,6 @@ def fake_azure() -> Iterator[FakeProvider]:
 def fake_anthropic() -> Iterator[FakeProvider]:
     with FakeProvider("anthropic", api_key=ANTHROPIC_KEY) as f:
         yield f
-
-
-def providers_for(openai: FakeProvider | None = None, azure: FakeProvider | None = None,
-                  anthropic: FakeProvider | None = None) -> dict[str, Any]:
-    p: dict[str, Any] = {}
-    if openai:
-        p["openai"] = {"type": "openai", "base_url": openai.base_url + "/v1", "api_key": {"env": "OPENAI_KEY"}}
-    if azure:
-        p["azure"] = {"type": "azure_openai", "base_url": azure.base_url, "api_version": "2024-10-21",
-                      "api_key": {"env": "AZURE_KEY"}}
-    if anthropic:
-        p["anthropic"] = {"type": "anthropic", "base_url": anthropic.base_url, "api_key": {"env": "ANTHROPIC_KEY"}}
-    return p
 
 
 @pytest.fixture

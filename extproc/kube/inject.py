@@ -54,7 +54,7 @@ STOP_GRACE = 10  # seconds `tollgate extproc` gives stragglers after its preStop
 GRACE_MARGIN = 15  # seconds of terminationGracePeriodSeconds beyond the preStop hook's wait
 
 # where each kind keeps its pod template ([] = the object is the pod)
-_TEMPLATES: dict[str, tuple[str, ...]] = {
+TEMPLATES: dict[str, tuple[str, ...]] = {
     "Deployment": ("spec", "template"),
     "StatefulSet": ("spec", "template"),
     "DaemonSet": ("spec", "template"),
@@ -78,7 +78,14 @@ def _extproc_resources() -> dict[str, dict[str, str]]:
 
 
 class InjectError(ValueError):
-    """A manifest or an option the sidecar cannot be added with; the message names the object."""
+    """A manifest or an option the sidecar cannot be added with; the message names the object.
+
+    ``reason`` is a short label for the injector's metrics: ``conflict`` (a name or port the sidecar
+    needs is taken), ``host_network``, or ``invalid``."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -193,18 +200,24 @@ def _inject_object(doc: dict[str, Any], opts: InjectOptions) -> dict[str, Any]:
     if kind == "List" and isinstance(out.get("items"), list):
         out["items"] = [_inject_object(item, opts) for item in out["items"]]
         return out
-    if kind not in _TEMPLATES:
+    if kind not in TEMPLATES:
         return out
-    where = f"{kind}/{(out.get('metadata') or {}).get('name', '?')}"
+    where = object_name(out)
     if _opted_out(out.get("metadata")):
         return out
     template: Any = out
-    for key in _TEMPLATES[kind]:
+    for key in TEMPLATES[kind]:
         template = template.get(key) if isinstance(template, dict) else None
     if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
-        raise InjectError(f"{where}: no pod template at {'.'.join(_TEMPLATES[kind]) or 'spec'}")
+        raise InjectError(f"{where}: no pod template at {'.'.join(TEMPLATES[kind]) or 'spec'}")
     _inject_pod(template, opts, where)
     return out
+
+
+def object_name(obj: dict[str, Any]) -> str:
+    """``Kind/name`` for messages; a pod its controller is creating has only a ``generateName``."""
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    return f"{obj.get('kind')}/{meta.get('name') or meta.get('generateName') or '?'}"
 
 
 def _opted_out(meta: Any) -> bool:
@@ -222,7 +235,7 @@ def _inject_pod(pod: dict[str, Any], opts: InjectOptions, where: str) -> None:
         raise InjectError(f"{where}: the pod template has no containers")
     if spec.get("hostNetwork"):
         raise InjectError(f"{where}: hostNetwork pods share the node's loopback, so the gateway's ports would "
-                          f"clash between pods; annotate it {INJECT}: \"false\"")
+                          f"clash between pods; annotate it {INJECT}: \"false\"", "host_network")
     _refuse_clashes(spec, where, opts)
     native = opts.native_sidecars if opts.native_sidecars is not None else spec.get("restartPolicy") in (
         "Never", "OnFailure")
@@ -245,14 +258,25 @@ def _inject_pod(pod: dict[str, Any], opts: InjectOptions, where: str) -> None:
 
 
 def _refuse_clashes(spec: dict[str, Any], where: str, opts: InjectOptions) -> None:
-    names = {c.get("name") for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])}
+    """The pod's containers share one network namespace and one set of names with the sidecar's."""
+    theirs = [c for c in (spec.get("containers") or []) + (spec.get("initContainers") or []) if isinstance(c, dict)]
+    names = {c.get("name") for c in theirs}
     for name in (EXTPROC_CONTAINER, ENVOY_CONTAINER):
         if name in names:
-            raise InjectError(f"{where}: already has a container named {name!r} but no {INJECTED} annotation")
-    volumes = {v.get("name") for v in spec.get("volumes") or []}
+            raise InjectError(f"{where}: already has a container named {name!r} but no {INJECTED} annotation",
+                              "conflict")
+    volumes = {v.get("name") for v in spec.get("volumes") or [] if isinstance(v, dict)}
     for v in _volumes(opts):
         if v["name"] in volumes:
-            raise InjectError(f"{where}: already has a volume named {v['name']!r}")
+            raise InjectError(f"{where}: already has a volume named {v['name']!r}", "conflict")
+    ours = {opts.listen_port: "the gateway's listener", opts.admin_port: "Envoy's admin",
+            opts.metrics_port: "the gateway's metrics"}
+    for c in theirs:
+        for port in c.get("ports") or []:
+            n = port.get("containerPort") if isinstance(port, dict) else None
+            if n in ours:
+                raise InjectError(f"{where}: container {c.get('name')!r} uses port {n}, which is {ours[n]} in an "
+                                  "injected pod; move it, or give the gateway other ports", "conflict")
 
 
 def _volumes(opts: InjectOptions) -> list[dict[str, Any]]:

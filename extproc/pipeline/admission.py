@@ -5,7 +5,7 @@ known; the hold it gets (an ``Admission``) rides on the exchange, where each
 preparation of a target reads its output cap (``upstream.prepare``), and the
 answer (``answer.py``) its ``x-ratelimit-*`` headers and the meter of a
 stream. When the last stream holding the exchange closes, ``Runtime.release``
-(app.py) schedules ``settle``, which bills what is known of the answer
+(runtime.py) schedules ``settle``, which bills what is known of the answer
 (``outcome_of``) exactly once.
 """
 
@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from extproc.errors import QuotaExceeded
 from extproc.pipeline.exchange import Exchange
 from extproc.telemetry.metrics import Metrics
 from extproc.quota.governor import Admission, Caller, Governor, Outcome
 from extproc.quota.ledger import UsageRecord
+
+if TYPE_CHECKING:  # the runtime settles through this module; stages only need its type
+    from extproc.pipeline.base import Stage
+    from extproc.pipeline.runtime import Runtime
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], object]
 
@@ -79,3 +83,17 @@ async def settle(gov: Governor, ex: Exchange) -> UsageRecord:
         usage, provider=ex.provider or "", model=model, cache_status=ex.cache,
         cache_write_tokens=usage.cache_write_tokens if usage is not None else 0, outcome=outcome_of(ex),
     )
+
+
+def admit_stage(rt: Runtime) -> Stage | None:
+    """The quota stage (see ``router.build_stages``); None without a quota section."""
+    gov = rt.governor
+    if gov is None:
+        return None
+    models_of = {name: [t.model for t in a.targets] for name, a in rt.config.models.items()}
+
+    async def admit_exchange(ex: Exchange) -> None:
+        # counted as the first target, held at the dearest
+        await admit(gov, rt.metrics, ex, models_of[ex.alias], rt.spawn)
+
+    return admit_exchange

@@ -41,6 +41,10 @@ class AttemptExchange:
         self.exchange: Exchange | None = None
         self.body: bytes | None = None
 
+    @property
+    def request_id(self) -> str:
+        return self.exchange.request_id if self.exchange is not None else ""
+
     def on_request_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         headers = messages.headers_of(req.request_headers)
         ex = self.gw.exchanges.get(headers.get("x-request-id", ""))
@@ -70,6 +74,13 @@ class AttemptExchange:
 
     def on_request_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         return messages.cont("request_body", body=self.body)
+
+    def on_response_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        """Never asked for: the answer is read by the router-level stage (this filter's mode skips it)."""
+        return messages.cont("response_headers")
+
+    def on_response_body(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
+        return messages.cont("response_body")
 
     def close(self) -> None:
         ex = self.exchange

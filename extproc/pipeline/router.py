@@ -1,4 +1,4 @@
-"""The router-level exchange: read the request, check it, route it, read the answer.
+"""The router-level exchange: read the request, check it, run the stages, read the answer.
 
 Envoy sends this filter the request headers and the buffered request body.
 It answers what it can itself (``/v1/models``, every error) with an
@@ -6,43 +6,59 @@ ImmediateResponse, and otherwise sets the internal routing header that selects
 the alias's route (whose cluster lists the alias's targets in fallback order)
 and clears the route cache.
 
-It also prepares the request for the alias's primary target (path, host,
-translated body, the provider's key; ``upstream.prepare``), so Envoy's first
-attempt needs no gRPC stream of its own; only a fallback runs the per-attempt
-stage (attempt.py). And it reads the answer, whichever target gave it
-(answer.py). Response processing is switched on from the headers stage, and
-only for a request that will be routed: Envoy's own early replies (a 431 for
-oversized headers, say) then never wait on this server.
+The steps, in order (each a named method or stage; see ``base.py``)::
 
-With ``auth.mode: jwt`` the headers stage authenticates the caller first (a
-token seen before costs a hash and a dict lookup; only a token whose issuer
-keys must be fetched makes the stage a coroutine), and the body stage checks
-that the caller's team may use the resolved alias. The client's credentials
-are removed here already, and again by every preparation of a target.
+    request headers   authenticate    (auth.mode jwt: who is calling; 401/403)
+                      endpoint        (path and method; /v1/models is answered here)
+    request body      validate        (JSON, alias, the team may use it, parameters)
+                      -- the Exchange is opened here --
+                      STAGES, as build_stages lists them:
+                        guard         (input guardrails; to come)
+                        cache         (semantic-cache lookup; to come)
+                        admit         (quota hold; admission.py)
+                        route         (prepare the primary target, set the route)
+    response          answer          (answer.py: translate, meter, usage headers)
+    stream closed     settle          (Runtime.release: quota, metrics, access log)
 
-With quotas on, the body stage then admits the request (``metering.admit``:
-count the prompt, reserve its worst case in every scope in one store call)
-before it is routed; a refusal is a 429 and nothing reaches a provider.
+**Adding a stage** is a module with a builder ``xxx_stage(rt) -> Stage | None``
+(None when the feature is switched off, so it costs nothing per request) and
+one line in ``build_stages``, in its place. A stage takes the ``Exchange`` and
+returns None to go on, a ``ProcessingResponse`` to answer now (a cache hit),
+or an awaitable of either; it refuses by raising a ``GatewayError``.
+
+Preparing the primary target here (path, host, translated body, the
+provider's key; ``upstream.prepare``) means Envoy's first attempt needs no gRPC
+stream of its own; only a fallback runs the per-attempt stage (attempt.py).
+Response processing is switched on from the headers stage, and only for a
+request that will be routed: Envoy's own early replies (a 431 for oversized
+headers, say) then never wait on this server.
+
+Authentication costs a hash and a dict lookup for a token seen before; only a
+token whose issuer keys must be fetched makes the headers stage a coroutine.
+Likewise the body's stages run as plain calls until one of them has to wait.
+The client's credentials are removed here already, and again by every
+preparation of a target.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
-from extproc.pipeline import messages
-
-from extproc.pipeline import admission as metering
-from extproc.pipeline.answer import Answer, Reply
-from extproc.pipeline.runtime import Runtime
 from extproc.auth.identity import Identity
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
-from extproc.errors import BadRequest, MethodNotAllowed, NotFound, UpstreamError
+from extproc.errors import BadRequest, Internal, MethodNotAllowed, NotFound, UpstreamError
+from extproc.pipeline import messages
+from extproc.pipeline.admission import admit_stage
+from extproc.pipeline.answer import Answer, Reply
+from extproc.pipeline.base import Stage, Verdict
 from extproc.pipeline.exchange import Exchange
-from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
+from extproc.pipeline.runtime import Runtime
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
+from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
 
 INTERNAL_PREFIX = "x-tollgate-"
 
@@ -53,11 +69,86 @@ ENDPOINTS = {
 }
 
 
-class RouterExchange:
-    __slots__ = ("gw", "endpoint", "request_id", "exchange", "started", "identity", "answer")
+def build_stages(rt: Runtime) -> tuple[Stage, ...]:
+    """The stages every valid request passes, in order; features switched off leave theirs out.
 
-    def __init__(self, gw: Runtime) -> None:
+    Input guardrails and the cache lookup belong before ``admit_stage``, the
+    guard first: a blocked prompt is never cached or charged, a cache hit is
+    never charged, and the cache never sees a prompt the guard refused.
+    """
+    stages = (
+        admit_stage(rt),
+        Route(rt),
+    )
+    return tuple(s for s in stages if s is not None)
+
+
+def run_stages(stages: tuple[Stage, ...], ex: Exchange) -> Reply | Coroutine[Any, Any, Reply]:
+    """Run ``stages`` until one answers; plain calls until a stage has to wait (see the docstring)."""
+    for i, stage in enumerate(stages):
+        verdict = stage(ex)
+        if verdict is None:
+            continue
+        if isinstance(verdict, messages.ProcessingResponse):
+            return verdict
+        return _resume(stages, i, verdict, ex)
+    raise Internal("no stage answered this request")  # the route stage always answers
+
+
+async def _resume(stages: tuple[Stage, ...], i: int, pending: Awaitable[Verdict], ex: Exchange) -> Reply:
+    verdict = await pending
+    while verdict is None:
+        i += 1
+        if i == len(stages):
+            raise Internal("no stage answered this request")
+        step = stages[i](ex)
+        verdict = await step if inspect.isawaitable(step) else step
+    return verdict
+
+
+class Route:
+    """The last stage: route to the alias, with the request ready for its primary target."""
+
+    __slots__ = ("rt",)
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def __call__(self, ex: Exchange) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
+        warming = self.rt.vault.warm_up(self.rt.config.models[ex.alias])  # Azure AD tokens not fetched yet
+        if warming is not None:
+            return self._after(warming, ex)
+        return self.prepare_primary(ex)
+
+    async def _after(self, warming: Coroutine[Any, Any, None], ex: Exchange) -> messages.ProcessingResponse:
+        await warming
+        return self.prepare_primary(ex)
+
+    def prepare_primary(self, ex: Exchange) -> messages.ProcessingResponse:
+        """Route to the alias, with the request ready for its primary target.
+
+        Without a credential for the primary (an Azure AD token that could not
+        be fetched), the request is routed unprepared: the per-attempt stage
+        then runs for the primary too, answers 502, and Envoy moves on.
+        """
+        try:
+            p = prepare(self.rt, ex, 0)
+        except UpstreamError:
+            return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias}, clear_route_cache=True)
+        ex.attempts = 1
+        ex.body_rewritten = p.body is not None
+        return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias, PREPARED_HEADER: "1", **p.set_headers},
+                             remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
+
+
+class RouterExchange:
+    """The processor of one router-level stream (``base.Processor``)."""
+
+    __slots__ = ("gw", "stages", "endpoint", "request_id", "exchange", "started", "identity", "answer")
+
+    def __init__(self, gw: Runtime, stages: tuple[Stage, ...] | None = None) -> None:
         self.gw = gw
+        self.stages = build_stages(gw) if stages is None else stages
         self.endpoint: str | None = None
         self.request_id = ""
         self.exchange: Exchange | None = None
@@ -77,15 +168,15 @@ class RouterExchange:
             if not isinstance(who, Identity):
                 return self._after_authentication(who, headers, eos)
             self.identity = who
-        return self._route_headers(headers, eos)
+        return self._endpoint(headers, eos)
 
     async def _after_authentication(
         self, pending: Coroutine[Any, Any, Identity], headers: dict[str, str], eos: bool
     ) -> messages.ProcessingResponse:
         self.identity = await pending
-        return self._route_headers(headers, eos)
+        return self._endpoint(headers, eos)
 
-    def _route_headers(self, headers: dict[str, str], eos: bool) -> messages.ProcessingResponse:
+    def _endpoint(self, headers: dict[str, str], eos: bool) -> messages.ProcessingResponse:
         path = headers.get(":path", "/").split("?", 1)[0].rstrip("/") or "/"
         method = headers.get(":method", "GET")
         endpoint = ENDPOINTS.get(path)
@@ -106,11 +197,13 @@ class RouterExchange:
         # This request will be routed: read its answer (see the module docstring).
         return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
 
-    def on_request_body(
-        self, req: messages.ProcessingRequest
-    ) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
+    def on_request_body(self, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
+        return run_stages(self.stages, self._validate(req.request_body.body))
+
+    def _validate(self, raw: bytes) -> Exchange:
+        """Check the request and open its exchange: nothing is held and nothing counted before this passed."""
         gw = self.gw
-        body = parse_json(req.request_body.body, gw.config.limits.max_request_bytes)
+        body = parse_json(raw, gw.config.limits.max_request_bytes)
         endpoint = self.endpoint or "chat"
         alias = resolve_alias(body, gw.config, endpoint)
         ident = self.identity
@@ -124,47 +217,11 @@ class RouterExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = ex = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")),
-                                      started_at=self.started, raw_body=req.request_body.body)
+                                      started_at=self.started, raw_body=raw)
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         gw.exchanges.add(ex)  # holds one reference until this stream closes
-        if gw.governor is not None:
-            return self._admit_then_route(ex)
-        return self._route(ex)
-
-    async def _admit_then_route(self, ex: Exchange) -> messages.ProcessingResponse:
-        gw = self.gw
-        assert gw.governor is not None
-        models = [t.model for t in gw.config.models[ex.alias].targets]  # counted as the first, held at the dearest
-        await metering.admit(gw.governor, gw.metrics, ex, models, gw.spawn)
-        resp = self._route(ex)
-        return resp if isinstance(resp, messages.ProcessingResponse) else await resp
-
-    def _route(self, ex: Exchange) -> messages.ProcessingResponse | Coroutine[Any, Any, messages.ProcessingResponse]:
-        warming = self.gw.vault.warm_up(self.gw.config.models[ex.alias])  # Azure AD tokens not fetched yet
-        if warming is not None:
-            return self._route_after(warming, ex)
-        return self._prepare_primary(ex)
-
-    async def _route_after(self, warming: Coroutine[Any, Any, None], ex: Exchange) -> messages.ProcessingResponse:
-        await warming
-        return self._prepare_primary(ex)
-
-    def _prepare_primary(self, ex: Exchange) -> messages.ProcessingResponse:
-        """Route to the alias, with the request ready for its primary target.
-
-        Without a credential for the primary (an Azure AD token that could not
-        be fetched), the request is routed unprepared: the per-attempt stage
-        then runs for the primary too, answers 502, and Envoy moves on.
-        """
-        try:
-            p = prepare(self.gw, ex, 0)
-        except UpstreamError:
-            return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias}, clear_route_cache=True)
-        ex.attempts = 1
-        ex.body_rewritten = p.body is not None
-        return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias, PREPARED_HEADER: "1", **p.set_headers},
-                             remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
+        return ex
 
     def on_response_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         if self.exchange is None:

@@ -1,7 +1,7 @@
 """The gRPC ext_proc server: one small exchange object per Envoy stream.
 
-``Process`` only dispatches: it reads a message, calls the exchange's method
-for that phase, and writes exactly one answer (or, to end a streamed answer
+``Process`` only dispatches: it reads a message, calls the processor's method
+for that phase (``base.dispatch``), and writes exactly one answer (or, to end a streamed answer
 early, that answer followed by an ImmediateResponse: ``messages.cut_stream``). A ``GatewayError`` becomes an
 ImmediateResponse here and nowhere else; any other exception is logged and
 answered with a 500 in the same shape, so one broken exchange never touches
@@ -22,11 +22,12 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.pipeline import messages
-from extproc.pipeline.runtime import Runtime
-from extproc.pipeline.attempt import AttemptExchange
 from extproc.errors import GatewayError, Internal
-from extproc.pipeline.router import RouterExchange
+from extproc.pipeline import messages
+from extproc.pipeline.attempt import AttemptExchange
+from extproc.pipeline.base import Processor, dispatch
+from extproc.pipeline.router import RouterExchange, build_stages
+from extproc.pipeline.runtime import Runtime
 
 log = logging.getLogger("tollgate.server")
 
@@ -36,7 +37,14 @@ FILTER_METADATA_KEY = "x-tollgate-filter"
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
+        self.stages = build_stages(gw)  # once: the router-level stages, in order
         self.active = 0
+
+    def processor(self, role: str) -> Processor:
+        """A new processor for one stream of the filter named ``role``."""
+        if role == "attempt":
+            return AttemptExchange(self.gw)
+        return RouterExchange(self.gw, self.stages)
 
     async def Process(  # noqa: N802 - the gRPC method name
         self, request_iterator: AsyncIterator[messages.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -45,19 +53,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         for key, value in context.invocation_metadata() or ():
             if key == FILTER_METADATA_KEY:
                 role = value
-        ex: RouterExchange | AttemptExchange = (
-            AttemptExchange(self.gw) if role == "attempt" else RouterExchange(self.gw)
-        )
+        ex = self.processor(role)
         self.active += 1
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request")
                 try:
-                    handler = getattr(ex, "on_" + phase, None) if phase else None
-                    if handler is None:
-                        yield messages.cont(phase) if phase else messages.ProcessingResponse()
-                        continue
-                    resp = handler(req)
+                    resp = dispatch(ex, phase, req)
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
                     if isinstance(resp, tuple):
@@ -69,7 +71,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     self._note_error(ex, err)
                     yield messages.error_response(err, _request_id(ex))
                 except Exception:
-                    log.exception("exchange failed in %s (request %s)", phase, getattr(ex, "request_id", "?"))
+                    log.exception("exchange failed in %s (request %s)", phase, ex.request_id or "?")
                     err = Internal("the gateway failed to process this request")
                     self._note_error(ex, err)
                     yield messages.error_response(err, _request_id(ex))
@@ -77,8 +79,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.active -= 1
             ex.close()
 
-    def _note_error(self, ex: RouterExchange | AttemptExchange, err: GatewayError) -> None:
-        log.info("request %s refused: %s %s", _rid(ex) or "-", err.status, err.code or err.type)
+    def _note_error(self, ex: Processor, err: GatewayError) -> None:
+        log.info("request %s refused: %s %s", ex.request_id or "-", err.status, err.code or err.type)
         exchange = ex.exchange
         if exchange is not None:
             exchange.status, exchange.error = err.status, err.code or err.type
@@ -86,14 +88,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.gw.metrics.refused(err.status, err.code or err.type)
 
 
-def _rid(ex: RouterExchange | AttemptExchange) -> str:
-    if isinstance(ex, RouterExchange):
-        return ex.request_id
-    return ex.exchange.request_id if ex.exchange else ""
-
-
-def _request_id(ex: RouterExchange | AttemptExchange) -> dict[str, str]:
-    rid = _rid(ex)
+def _request_id(ex: Processor) -> dict[str, str]:
+    rid = ex.request_id
     return {"x-request-id": rid} if rid else {}
 
 

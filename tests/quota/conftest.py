@@ -1,13 +1,13 @@
 """Fixtures for the quota specs: a real redis-server, and stores over both backends.
 
-``async def`` tests run on a fresh event loop per test (``runner``), which the
-fixtures use too, so clients are opened and closed on the loop that uses them.
+Every spec here gets the ``runner`` loop (tests/conftest.py runs ``async def``
+tests on it), which the fixtures use too, so clients are opened and closed on
+the loop that uses them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 from pathlib import Path
@@ -24,18 +24,9 @@ from tests.quota.redis_process import RedisProcess
 UTC = ZoneInfo("UTC")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    runner: asyncio.Runner = pyfuncitem.funcargs["runner"]
-    names = pyfuncitem._fixtureinfo.argnames
-    runner.run(pyfuncitem.obj(**{n: pyfuncitem.funcargs[n] for n in names}))
-    return True
-
-
 @pytest.fixture(autouse=True)
 def runner() -> Iterator[asyncio.Runner]:
+    """Every quota spec shares one loop with its fixtures."""
     with asyncio.Runner() as r:
         yield r
 
