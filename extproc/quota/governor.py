@@ -37,8 +37,8 @@ shared budgets and the ledger see all of the outage's spend exactly once.
 
 A settle, charge or ledger append that fails (the store is down as the
 request ends) is kept in a bounded backlog and replayed oldest first after
-the next request that settles normally, and every ``maintenance_seconds``
-by the governor's own task (which also reaps expired leases, so a dead
+the next request that settles normally, and every 5 seconds by the
+governor's own task (``start``) (which also reaps expired leases, so a dead
 sidecar's holds reach the ledger without traffic). Each is idempotent by
 request id, so a replay never counts twice. ``close`` replays what is left
 and flushes the store before the process exits.
@@ -155,7 +155,7 @@ class Governor:
             except Exception:
                 log.exception("quota maintenance failed")
 
-    async def close(self, *, patience: float = 30.0) -> None:
+    async def close(self, *, patience: float = 10.0) -> None:
         """Stop maintenance, replay what waits for the store (for up to ``patience`` seconds while it
         stays down), then close the store (the embedded one commits everything) and the ledger."""
         if self._maintenance is not None:
