@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
@@ -29,7 +28,7 @@ from tests.fake_provider import Behaviour, FakeProvider, count_chat_words
 from tests.harness import Gateway
 from tests.quota.redis_process import RedisProcess
 from tests.test_e2e_metrics import scrape, value
-from tests.test_e2e_quota import ASK, MICRO, billed, client, config, cost, org, records, spent, words
+from tests.test_e2e_quota import ASK, billed, client, config, cost, org, records, spent, words
 
 pytestmark = pytest.mark.e2e
 
@@ -268,6 +267,4 @@ def test_prices_without_limits_keep_a_ledger_and_hold_nothing(gateway, fake):
     assert len(found) == 4 and sum(x.micro_usd for x in found) == billed(fake) > 0
     assert embedded_spent(gw) == 0  # nothing was held or charged to a budget
     prompt = count_chat_words({"messages": ASK})
-    assert found[0].micro_usd == cost(prompt, 7)
-    assert all(x.micro_usd == cost(prompt, 7) for x in found)
-    assert MICRO  # prices are per million tokens; the sums above are exact integers
+    assert all(x.micro_usd == cost(prompt, 7) for x in found)  # each at the provider's own count
