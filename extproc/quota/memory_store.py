@@ -47,6 +47,7 @@ from extproc.quota.store import (
 )
 
 UNIT = 60_000  # bucket units per token
+SCAN_MS = 250  # how often open holds are checked for an expired lease (top-up and settle check their own)
 
 @dataclass(slots=True)
 class _Record:
@@ -92,7 +93,10 @@ class MemoryQuotaStore:
         self._buckets: dict[str, tuple[int, int]] = {}  # key -> (units, last refill ms)
         self._spent: dict[str, int] = {}  # budget period key -> micro-dollars
         self._records: dict[str, _Record] = {}
-        self._leases: list[tuple[int, str]] = []  # heap of (deadline ms, id); stale entries skipped
+        # Open holds by id (their deadline is on the record): as many as requests in flight. A heap of
+        # deadlines would keep a settled hold's entry until its lease ran out: 10 minutes of traffic.
+        self._open: set[str] = set()
+        self._next_scan = 0  # ms: open holds are scanned for expiry at most every SCAN_MS
         self._closed: list[tuple[int, str]] = []  # heap of (closed at ms, id)
 
     @property
@@ -129,7 +133,7 @@ class MemoryQuotaStore:
             self._apply(outcomes, now)
             rec = _Record("open", tokens, micro_usd, now + _ms(lease_seconds), windows, ledger=record)
             self._records[rid] = rec
-            heapq.heappush(self._leases, (rec.deadline_ms, rid))
+            self._open.add(rid)
             if self._state is not None:
                 self._state.hold(rid, tokens, micro_usd, record)
                 durable = self._state.waiter()
@@ -146,6 +150,7 @@ class MemoryQuotaStore:
             now = self._now_ms()
             self._sweep(now)
             rec = self._records.get(reservation.id)
+            self._expire_if_due(reservation.id, rec, now)
             if rec is None or rec.state != "open":
                 return lease_gone(reservation, tokens, rec.state if rec else "unknown")
             outcomes = self._judge(reservation.scopes, rec.windows, tokens, micro_usd, now)
@@ -156,7 +161,6 @@ class MemoryQuotaStore:
             rec.tokens += tokens
             rec.micro_usd += micro_usd
             rec.deadline_ms = now + _ms(lease_seconds)
-            heapq.heappush(self._leases, (rec.deadline_ms, reservation.id))
             if self._state is not None:
                 self._state.hold(reservation.id, rec.tokens, rec.micro_usd, rec.ledger)
             return self._reservation(reservation.id, reservation.scopes, rec, outcomes)
@@ -170,6 +174,7 @@ class MemoryQuotaStore:
             now = self._now_ms()
             self._sweep(now)
             rec = self._records.get(reservation.id)
+            self._expire_if_due(reservation.id, rec, now)
             if rec is None:
                 return Settlement(reservation.id, "unknown")
             if rec.state == "settled":
@@ -218,7 +223,7 @@ class MemoryQuotaStore:
     async def reap(self) -> int:
         """Expire the leases that ran out (each into its ``unknown`` record); how many."""
         with self._lock:
-            return self._sweep(self._now_ms())
+            return self._sweep(self._now_ms(), force=True)
 
     async def close(self) -> None:
         if self._state is not None:
@@ -298,16 +303,15 @@ class MemoryQuotaStore:
 
     # -- leases
 
-    def _sweep(self, now: int) -> int:
+    def _sweep(self, now: int, *, force: bool = False) -> int:
+        """Expire the holds whose lease ran out (scanning the open ones at most every ``SCAN_MS``, so the
+        cost per call stays constant) and forget closed reservations after the retention."""
         expired = 0
-        while self._leases and self._leases[0][0] <= now:
-            deadline, rid = heapq.heappop(self._leases)
-            rec = self._records.get(rid)
-            if rec is not None and rec.state == "open" and rec.deadline_ms == deadline:
-                self._close(rid, rec, "expired", now)  # the reserved amount stays charged
+        if force or now >= self._next_scan:
+            self._next_scan = now + SCAN_MS
+            for rid in [rid for rid in self._open if self._records[rid].deadline_ms <= now]:
+                self._expire_if_due(rid, self._records[rid], now)
                 expired += 1
-                if self._state is not None and rec.ledger is not None:
-                    self._state.record(replace(rec.ledger.expired(rec.tokens, rec.micro_usd), time=now / 1000))
         while self._closed and self._closed[0][0] <= now - self._retention_ms:
             _, rid = heapq.heappop(self._closed)
             rec = self._records.get(rid)
@@ -315,8 +319,17 @@ class MemoryQuotaStore:
                 del self._records[rid]
         return expired
 
+    def _expire_if_due(self, rid: str, rec: _Record | None, now: int) -> None:
+        """An open hold past its deadline becomes a charge of what it holds, and its ``unknown`` record."""
+        if rec is None or rec.state != "open" or rec.deadline_ms > now:
+            return
+        self._close(rid, rec, "expired", now)  # the reserved amount stays charged
+        if self._state is not None and rec.ledger is not None:
+            self._state.record(replace(rec.ledger.expired(rec.tokens, rec.micro_usd), time=now / 1000))
+
     def _close(self, rid: str, rec: _Record, state: str, now: int) -> None:
         rec.state, rec.closed_ms = state, now
+        self._open.discard(rid)
         heapq.heappush(self._closed, (now, rid))
         if self._state is not None:
             self._state.release(rid)
