@@ -22,6 +22,7 @@ RSS first window -> last, p99 first window -> last. Every process started here i
 from __future__ import annotations
 
 import argparse
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -212,6 +213,10 @@ def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str
     return "\n".join(lines) + "\n"
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="soak duration per store (default 10)")
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stores", default="embedded,redis")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stopping the bench stops what it started (finally below)
+        signal.signal(sig, _interrupt)
     window_s = args.window or max(10.0, args.minutes * 6)
     facts = machine_facts(ensure_wrk())
     results = []
