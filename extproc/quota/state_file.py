@@ -101,8 +101,7 @@ class Loaded:
 
 
 def ledger_row(r: UsageRecord) -> tuple[Any, ...]:
-    d = asdict(r)
-    return tuple(d[c] for c in LEDGER_COLUMNS)
+    return tuple(getattr(r, c) for c in LEDGER_COLUMNS)
 
 
 def connect_file(path: Path) -> sqlite3.Connection:
