@@ -84,6 +84,7 @@ class Window:
     errors: int
     p99_ms: float
     rss_mb: float
+    kinds: str = ""  # the errors by kind: non-2xx answers, client timeouts (10 s), socket errors
 
 
 @dataclass
@@ -174,11 +175,14 @@ def soak(store: str, tmp: Path, fake_port: int, redis: RedisProcess, minutes: fl
         pids = gateway_pids(gw)["python"]
         for i in range(max(1, round(minutes * 60 / window_s))):
             w = paced_wrk(url, paced, result.rate, window_s)
-            errors = int(w["non2xx"] + w["err_timeout"] + w["err_connect"] + w["err_read"] + w["err_write"])
-            result.windows.append(Window(int(w["requests"] - w["non2xx"]), errors, w["p99_us"] / 1000, rss_mb(pids)))
+            socket = int(w["err_connect"] + w["err_read"] + w["err_write"])
+            errors = int(w["non2xx"] + w["err_timeout"]) + socket
+            kinds = f"{int(w['non2xx'])} non-2xx, {int(w['err_timeout'])} timeouts, {socket} socket"
+            result.windows.append(Window(int(w["requests"] - w["non2xx"]), errors, w["p99_us"] / 1000, rss_mb(pids),
+                                         kinds))
             last = result.windows[-1]
-            print(f"  {store} window {i + 1}: {last.served} served, {last.errors} errors, p99 {last.p99_ms:.1f} ms, "
-                  f"RSS {last.rss_mb:.0f} MB", file=sys.stderr, flush=True)
+            print(f"  {store} window {i + 1}: {last.served} served, {last.errors} errors ({kinds}), "
+                  f"p99 {last.p99_ms:.1f} ms, RSS {last.rss_mb:.0f} MB", file=sys.stderr, flush=True)
         started = time.monotonic()
         code = gw.stop()  # SIGTERM: everything pending must be settled and recorded before it exits
         result.stop_seconds = time.monotonic() - started
@@ -208,6 +212,11 @@ def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str
             f"| {r.store} | {r.max_rps:,.0f} | {r.rate:,.0f} | {r.served:,} | {r.errors} | {r.ledger_added:,} "
             f"({'=' if r.ledger_added == r.served else '≠'} served) | {first.rss_mb:.0f} → {last.rss_mb:.0f} "
             f"({growth:+.1f} %) | {first.p99_ms:.1f} → {last.p99_ms:.1f} (×{last.p99_ms / max(first.p99_ms, 1e-9):.2f}) |")
+    for r in results:
+        lines.append("")
+        lines.append(f"{r.store} per window (served / errors / p99 ms / RSS MB): " + "; ".join(
+            f"{w.served} / {w.errors}{f' ({w.kinds})' if w.errors else ''} / {w.p99_ms:.0f} / {w.rss_mb:.0f}"
+            for w in r.windows))
     lines += ["", "SIGTERM to exit, after the last window: " +
               ", ".join(f"{r.store} {r.stop_seconds:.1f} s" for r in results) + "."]
     return "\n".join(lines) + "\n"
