@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench validate clean
+.PHONY: run test lint bench validate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tollgate run
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
+
+# ruff (bugs, a complexity limit) on everything, mypy on the package; `make test` runs this first
+lint: $(STAMP)
+	$(BIN)/ruff check extproc tests
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out tests/bench/results.md

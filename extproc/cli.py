@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return _validate(cfg)
     if args.command == "deny":
-        return deny_command(cfg, args)
+        from extproc.config import environment
+        from extproc.credentials.secrets import redis_password
+
+        return deny_command(cfg, args, redis_password(cfg.redis, environment()))
     if args.command == "dev-token":
         return dev_token_command(cfg, args)
     if args.command == "spend":

@@ -23,7 +23,7 @@ try:  # the HTTP client the installed openai SDK is built on
 except ImportError:
     import httpx
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest, UpstreamError
 from extproc.providers.anthropic import AnthropicTranslator
 from extproc.providers.base import Usage

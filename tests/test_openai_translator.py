@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.providers.openai import AzureOpenAITranslator, OpenAITranslator
 from extproc.providers.sse import SSEParser
 

@@ -10,6 +10,9 @@ Modules, each one concern:
 * ``deny_store``    the deny list in Redis or a local file; ``denylist`` keeps a local copy in step
 * ``authenticator`` the above in the order a request meets them, plus the audit line (``audit``)
 * ``devtoken``      a local dev key and ``tollgate dev-token``
-* ``azure_ad``      Azure AD client-credentials tokens for Azure OpenAI (used by the credential vault)
+* ``settings``      the ``auth:`` and ``teams:`` config sections
 * ``build``         config → these objects
+
+Provider credentials (keys, Azure AD tokens, secret files) are ``extproc.credentials``; nothing
+here imports it.
 """

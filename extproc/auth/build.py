@@ -14,8 +14,8 @@ from extproc.auth.jwks import FileJwks, JwksError, JwksSource, StaticJwks, UrlJw
 from extproc.auth.policy import AccessPolicy
 from extproc.auth.token_cache import VerifiedTokens
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import ConfigError, GatewayConfig, Issuer
-from extproc.credentials.vault import secret_reader
+from extproc.auth.settings import Issuer
+from extproc.config import ConfigError, GatewayConfig
 
 
 def wait_budget(cfg: GatewayConfig) -> float:
@@ -23,8 +23,12 @@ def wait_budget(cfg: GatewayConfig) -> float:
     return max(0.05, 0.75 * cfg.envoy.message_timeout)
 
 
-def build_authenticator(cfg: GatewayConfig, env: dict[str, str]) -> Authenticator | None:
-    """None in ``auth.mode: none``, where every request is anonymous."""
+def build_authenticator(cfg: GatewayConfig, redis_password: str | None = None) -> Authenticator | None:
+    """None in ``auth.mode: none``, where every request is anonymous.
+
+    The caller (the runtime, or a command) reads the Redis password: provider
+    and store credentials are not this package's business.
+    """
     a = cfg.auth
     if a.mode == "none":
         return None
@@ -39,7 +43,7 @@ def build_authenticator(cfg: GatewayConfig, env: dict[str, str]) -> Authenticato
         verifier=TokenVerifier(trusted, max_token_bytes=a.max_token_bytes, wait_budget=wait_budget(cfg)),
         mapper=IdentityMapper(cfg.teams, a.default_team),
         policy=AccessPolicy(cfg.teams),
-        deny=DenyListSync(deny_store(cfg, env), poll_interval=a.deny_list.poll_interval,
+        deny=DenyListSync(deny_store(cfg, redis_password), poll_interval=a.deny_list.poll_interval,
                           refuse_when_stale=a.deny_list.on_redis_down == "refuse"),
         cache=cache,
         audit=AuditLog(refusals_only=a.audit == "refusals"),
@@ -57,9 +61,8 @@ def _key_source(iss: Issuer, on_change: Callable[[], None]) -> JwksSource:
     return StaticJwks(dev_keyset(iss.dev_key_file or ""), iss.issuer)
 
 
-def deny_store(cfg: GatewayConfig, env: dict[str, str]) -> DenyStore:
+def deny_store(cfg: GatewayConfig, password: str | None = None) -> DenyStore:
     """Redis when configured (shared by every sidecar), else the local file."""
     if cfg.redis is not None:
-        password = secret_reader(cfg.redis.password, env)() if cfg.redis.password else None
         return RedisDenyStore(cfg.redis.url, password=password, prefix=cfg.redis.key_prefix)
     return FileDenyStore(cfg.auth.deny_list.file or "deny-list.json")

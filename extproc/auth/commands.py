@@ -5,24 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import sys
 import time
 
 from extproc.auth.build import deny_store
 from extproc.auth.deny_store import DenyEntry, StoreUnavailable, new_entry
 from extproc.auth.devtoken import mint_dev_token
-from extproc.config import GatewayConfig
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)?$")
-
+from extproc.config import GatewayConfig, parse_duration
 
 def duration(text: str) -> float:
-    m = _DURATION.match(text.strip())
-    if not m or float(m.group(1)) <= 0:
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 12h or 7d, not {text!r}")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+    return seconds
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -49,16 +44,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     dev.add_argument("--issuer", help="which dev issuer, when the config lists several")
 
 
-def deny_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
+def deny_command(cfg: GatewayConfig, args: argparse.Namespace, redis_password: str | None = None) -> int:
     try:
-        return asyncio.run(_deny(cfg, args))
+        return asyncio.run(_deny(cfg, args, redis_password))
     except StoreUnavailable as e:
         print(f"tollgate: deny list unavailable: {e}", file=sys.stderr)
         return 1
 
 
-async def _deny(cfg: GatewayConfig, args: argparse.Namespace) -> int:
-    store = deny_store(cfg, dict(os.environ))
+async def _deny(cfg: GatewayConfig, args: argparse.Namespace, redis_password: str | None) -> int:
+    store = deny_store(cfg, redis_password)
     where = f"redis {cfg.redis.url.split('@')[-1]}" if cfg.redis else f"file {cfg.auth.deny_list.file}"
     try:
         if args.action == "list":

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from extproc.auth.jwks import KeySet
-from extproc.config import Issuer
+from extproc.auth.settings import Issuer
 
 
 def load_or_create_dev_key(path: str) -> ec.EllipticCurvePrivateKey:

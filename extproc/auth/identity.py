@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.config import Issuer, Team
+from extproc.auth.settings import Issuer, Team
 from extproc.errors import Unauthenticated
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from extproc.auth.identity import Identity
-from extproc.config import Team
+from extproc.auth.settings import Team
 from extproc.errors import Forbidden
 
 

@@ -34,7 +34,7 @@ import jwt
 from jwt import PyJWK
 
 from extproc.auth.jwks import JwksSource, KeyMismatch, KeySet
-from extproc.config import Issuer
+from extproc.auth.settings import Issuer
 from extproc.errors import Unauthenticated, Unavailable
 
 Claims = dict[str, Any]

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from extproc.config import Address, GatewayConfig, ModelAlias, Provider
+from extproc.config import Address, GatewayConfig
+from extproc.providers.settings import ModelAlias, Provider
 from extproc.pipeline.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.pipeline.server import FILTER_METADATA_KEY
 from extproc.pipeline.upstream import (

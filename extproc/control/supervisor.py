@@ -18,11 +18,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.pipeline.runtime import build_runtime
-from extproc.config import GatewayConfig
+from extproc.config import GatewayConfig, environment
 from extproc.control.envoy_config import render_yaml
 from extproc.pipeline.server import drain, install_signal_handlers, start_server
 
@@ -133,7 +134,7 @@ async def serve(
             _banner(cfg)
         else:
             log.info("ext_proc server on %s (no Envoy started)", cfg.extproc.grpc_target)
-        waits = {asyncio.create_task(stop.wait())}
+        waits: set[asyncio.Task[Any]] = {asyncio.create_task(stop.wait())}
         if envoy is not None:
             waits.add(asyncio.create_task(envoy.wait()))
         done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -181,7 +182,7 @@ def _banner(cfg: GatewayConfig) -> None:
 
 
 def use_uvloop() -> None:
-    if os.environ.get("TOLLGATE_NO_UVLOOP"):
+    if environment().get("TOLLGATE_NO_UVLOOP"):
         return
     with contextlib.suppress(ImportError):
         import uvloop

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from extproc.config import AzureAd
+from extproc.credentials.settings import AzureAd
 
 log = logging.getLogger("tollgate.credentials")
 
@@ -108,7 +108,7 @@ class AzureAdToken:
             raise TokenEndpointError(f"token endpoint answered HTTP {status}" + (f" ({code})" if code else ""))
         token, lifetime = body.get("access_token"), body.get("expires_in")
         try:
-            seconds = float(lifetime)  # Azure sends a number; some proxies send a string
+            seconds = float(lifetime) if lifetime is not None else 0.0  # a number; some proxies send a string
         except (TypeError, ValueError):
             seconds = 0.0
         if not isinstance(token, str) or not token or seconds <= 0:

@@ -5,7 +5,7 @@ stat'ed on every use and re-read when their inode, size or modification time
 changes, so a rotated key is used for the very next request without a
 restart. A provider with several keys uses them in turn. Azure OpenAI
 providers with ``azure_ad`` get a bearer token from Azure AD instead
-(``auth/azure_ad.py``). Keys never leave this module except as the header
+(``azure_ad.py``); the sources themselves are in ``secrets.py``. Keys never leave this module except as the header
 value sent upstream.
 """
 
@@ -13,54 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
+from extproc.config import SecretRef, environment
 from extproc.credentials.azure_ad import AzureAdToken
-from extproc.config import ModelAlias, Provider, SecretRef
+from extproc.credentials.secrets import FileSecret, secret_reader
 from extproc.errors import UpstreamError
-
-
-class _FileSecret:
-    """A secret file, stat'ed on every use (about a microsecond) and re-read when it changed."""
-
-    __slots__ = ("path", "value", "stamp")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.value: str | None = None
-        self.stamp: tuple[int, int, int] | None = None
-
-    def get(self) -> str | None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp != self.stamp:
-                with open(self.path, encoding="utf-8") as f:
-                    self.value = f.read().strip() or None
-                self.stamp = stamp
-        except OSError:
-            self.value, self.stamp = None, None
-        return self.value
-
-
-def secret_reader(ref: SecretRef, env: dict[str, str]) -> Callable[[], str | None]:
-    """A function returning the secret's current value (a file is re-read when it changes)."""
-    if ref.env:
-        value = env.get(ref.env, "").strip() or None
-        return lambda: value
-    f = _FileSecret(ref.file or "")
-    return f.get
+from extproc.providers.settings import ModelAlias, Provider
 
 
 class CredentialVault:
     def __init__(self, providers: dict[str, Provider], env: dict[str, str] | None = None, *,
                  wait_budget: float = 0.8) -> None:
-        env = dict(os.environ) if env is None else env
+        env = environment() if env is None else env
         self._providers = providers
-        self._sources: dict[str, list[str | _FileSecret]] = {}
+        self._sources: dict[str, list[str | FileSecret]] = {}
         for name, p in providers.items():
             self._sources[name] = [self._source(ref, env) for ref in p.api_keys]
         self._turn = {name: itertools.count() for name in providers}
@@ -71,10 +40,10 @@ class CredentialVault:
         self._wait_budget = wait_budget
 
     @staticmethod
-    def _source(ref: SecretRef, env: dict[str, str]) -> str | _FileSecret:
+    def _source(ref: SecretRef, env: dict[str, str]) -> str | FileSecret:
         if ref.env:
             return env.get(ref.env, "").strip()
-        return _FileSecret(ref.file or "")
+        return FileSecret(ref.file or "")
 
     def warm_up(self, alias: ModelAlias) -> Coroutine[Any, Any, None] | None:
         """None when every Azure AD token ``alias`` may need is fresh; else a wait for them (bounded).

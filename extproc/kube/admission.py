@@ -158,7 +158,7 @@ def _says(meta: Mapping[str, Any], value: str) -> bool:
 def _inject_one(obj: dict[str, Any], policy: InjectorPolicy) -> tuple[list[dict[str, Any]] | None, Verdict]:
     where = object_name(obj)
     meta = _pod_meta(obj)
-    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    annotations: dict[str, Any] = meta["annotations"] if isinstance(meta.get("annotations"), dict) else {}
     if _says(meta, "false") or _says(obj.get("metadata") or {}, "false"):
         return None, Verdict("skipped", "opted_out", f"{where}: opted out ({INJECT}: \"false\")")
     if str(annotations.get(INJECTED, "")) == "true":

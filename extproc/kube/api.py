@@ -9,13 +9,14 @@ The token file is read for every call: Kubernetes rotates projected tokens in pl
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from extproc.config import environment
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -37,7 +38,7 @@ class KubeApi:
 
     @classmethod
     def in_cluster(cls) -> KubeApi:
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host, port = environment().get("KUBERNETES_SERVICE_HOST"), environment().get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
             raise ApiError(0, "not in a pod (KUBERNETES_SERVICE_HOST unset): pass --api-server")
         host = f"[{host}]" if ":" in host else host
@@ -61,7 +62,8 @@ class KubeApi:
     def patch_json(self, path: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
         return self._call("PATCH", path, ops, content_type="application/json-patch+json")
 
-    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
+    def _call(self, method: str, path: str, body: Any = None,
+              content_type: str = "application/json") -> dict[str, Any]:
         headers = {"accept": "application/json"}
         if self.token_file:
             headers["authorization"] = "Bearer " + Path(self.token_file).read_text().strip()
@@ -73,11 +75,14 @@ class KubeApi:
         ctx = ssl.create_default_context(cafile=self.ca_file) if self.server.startswith("https:") else None
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=ctx) as resp:  # noqa: S310 - https only
-                return json.loads(resp.read() or b"{}")
+                answer = json.loads(resp.read() or b"{}")
         except urllib.error.HTTPError as e:
             raise ApiError(e.code, f"{method} {path}: {_status_message(e)}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError) as e:
             raise ApiError(0, f"{method} {path}: {e}") from None
+        if not isinstance(answer, dict):
+            raise ApiError(0, f"{method} {path}: the answer is not a JSON object")
+        return answer
 
 
 def _status_message(e: urllib.error.HTTPError) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from extproc.config import GatewayConfig
+from extproc.config import GatewayConfig, environment
+from extproc.control.supervisor import use_uvloop
 from extproc.kube.admission import InjectorPolicy
 from extproc.kube.api import ApiError, KubeApi
 from extproc.kube.certs import CertTarget, ensure_certificates
@@ -48,14 +48,14 @@ def add_parsers(sub: Any) -> None:
     inj.add_argument("--host", default="0.0.0.0")  # noqa: S104 - reached through its Service
     inj.add_argument("--port", type=int, default=8443, help="HTTPS port for the API server")
     inj.add_argument("--health-port", type=int, default=8080, help="plain HTTP: /healthz, /readyz, /metrics")
-    inj.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+    inj.add_argument("--namespace", default=environment().get("POD_NAMESPACE"),
                      help="the injector's own namespace, never injected (default: $POD_NAMESPACE)")
     inj.add_argument("--native-sidecars", choices=("jobs", "all", "none"), default="jobs",
                      help="jobs: only pods that run to completion (default); all; none: a cluster before 1.29")
     inj.add_argument("--reload-interval", type=float, default=10.0, help="seconds between looks at the cert files")
     inj.add_argument("--shutdown-delay", type=float, default=5.0)
     certs = sub.add_parser("injector-certs", help="create/renew the injector's CA and certificate, patch caBundle")
-    certs.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE"),
+    certs.add_argument("--namespace", default=environment().get("POD_NAMESPACE"),
                        help="where the Secret and the injector's Service are (default: $POD_NAMESPACE)")
     certs.add_argument("--secret", default="tollgate-injector-tls")
     certs.add_argument("--service", default="tollgate-injector")
@@ -76,6 +76,7 @@ def injector_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         print(f"tollgate: {e}", file=sys.stderr)
         return 2
     listen = Listen(args.host, args.port, args.health_port, args.reload_interval, args.shutdown_delay)
+    use_uvloop()  # like the gateway (TOLLGATE_NO_UVLOOP=1: asyncio's own loop); tests/bench/injector.md
     return asyncio.run(serve_injector(Injector(policy, cert, metrics), listen))
 
 

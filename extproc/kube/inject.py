@@ -216,7 +216,7 @@ def _inject_object(doc: dict[str, Any], opts: InjectOptions) -> dict[str, Any]:
 
 def object_name(obj: dict[str, Any]) -> str:
     """``Kind/name`` for messages; a pod its controller is creating has only a ``generateName``."""
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    meta: dict[str, Any] = obj["metadata"] if isinstance(obj.get("metadata"), dict) else {}
     return f"{obj.get('kind')}/{meta.get('name') or meta.get('generateName') or '?'}"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -13,8 +12,9 @@ from typing import Any
 from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
-from extproc.config import GatewayConfig
-from extproc.credentials.vault import CredentialVault, secret_reader
+from extproc.config import GatewayConfig, environment
+from extproc.credentials.secrets import redis_password
+from extproc.credentials.vault import CredentialVault
 from extproc.pipeline.exchange import Exchange, Exchanges
 from extproc.pipeline.admission import settle
 from extproc.telemetry.metrics import Metrics
@@ -102,7 +102,8 @@ class Runtime:
 
 
 def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> Runtime:
-    env = dict(os.environ) if env is None else env
+    env = environment() if env is None else env
+    password = redis_password(config.redis, env)
     quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
     return Runtime(
@@ -111,17 +112,16 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
         metrics=metrics,
-        auth=build_authenticator(config, env),
-        governor=build_governor(config, env, metrics),
+        auth=build_authenticator(config, password),
+        governor=build_governor(config, password, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
     )
 
 
-def build_governor(config: GatewayConfig, env: dict[str, str], metrics: Metrics) -> Governor | None:
+def build_governor(config: GatewayConfig, redis_password: str | None, metrics: Metrics) -> Governor | None:
     q = config.quota
     if q is None:
         return None
     r = config.redis
-    password = secret_reader(r.password, env)() if r is not None and r.password else None
-    return build_quota_governor(q, redis_url=r.url if r is not None else None, redis_password=password,
+    return build_quota_governor(q, redis_url=r.url if r is not None else None, redis_password=redis_password,
                                 on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error))

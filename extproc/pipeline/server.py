@@ -67,14 +67,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             yield part
                     else:
                         yield resp
-                except GatewayError as err:
-                    self._note_error(ex, err)
-                    yield messages.error_response(err, _request_id(ex))
+                except GatewayError as refusal:
+                    self._note_error(ex, refusal)
+                    yield messages.error_response(refusal, _request_id(ex))
                 except Exception:
                     log.exception("exchange failed in %s (request %s)", phase, ex.request_id or "?")
-                    err = Internal("the gateway failed to process this request")
-                    self._note_error(ex, err)
-                    yield messages.error_response(err, _request_id(ex))
+                    failure = Internal("the gateway failed to process this request")
+                    self._note_error(ex, failure)
+                    yield messages.error_response(failure, _request_id(ex))
         finally:
             self.active -= 1
             ex.close()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from extproc.pipeline.runtime import Runtime
-from extproc.config import Provider
+from extproc.providers.settings import Provider
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.pipeline.exchange import Exchange
 from extproc.providers.registry import make_translator

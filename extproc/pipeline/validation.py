@@ -58,34 +58,42 @@ def check_chat(body: dict) -> None:
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("messages must be a non-empty array", param="messages", code="invalid_messages")
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise BadRequest(
-                f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
-                param=f"messages[{i}].role",
-                code="invalid_messages",
-            )
-        content = m.get("content")
-        if content is None:
-            if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
-                continue
-            raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content", code="invalid_messages")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise BadRequest(
-                        f"messages[{i}].content[{j}] must be an object with a type",
-                        param=f"messages[{i}].content[{j}]",
-                        code="invalid_messages",
-                    )
-        elif not isinstance(content, str):
-            raise BadRequest(
-                f"messages[{i}].content must be a string or an array of parts",
-                param=f"messages[{i}].content",
-                code="invalid_messages",
-            )
+        _check_message(i, m)
+    _check_parameters(body)
+
+
+def _check_message(i: int, m: Any) -> None:
+    if not isinstance(m, dict):
+        raise BadRequest(f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_messages")
+    role = m.get("role")
+    if role not in ROLES:
+        raise BadRequest(
+            f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}",
+            param=f"messages[{i}].role",
+            code="invalid_messages",
+        )
+    content = m.get("content")
+    if content is None:
+        if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+            return
+        raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content", code="invalid_messages")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise BadRequest(
+                    f"messages[{i}].content[{j}] must be an object with a type",
+                    param=f"messages[{i}].content[{j}]",
+                    code="invalid_messages",
+                )
+    elif not isinstance(content, str):
+        raise BadRequest(
+            f"messages[{i}].content must be a string or an array of parts",
+            param=f"messages[{i}].content",
+            code="invalid_messages",
+        )
+
+
+def _check_parameters(body: dict) -> None:
     _flag(body, "stream")
     for name in ("max_tokens", "max_completion_tokens"):
         _int(body, name, 1, MAX_OUTPUT_TOKENS)
@@ -146,5 +154,5 @@ def _number(obj: dict, name: str, lo: float, hi: float) -> None:
     v: Any = obj.get(name)
     if v is None:
         return
-    if isinstance(v, bool) or not isinstance(v, Real) or not lo <= v <= hi:
+    if isinstance(v, bool) or not isinstance(v, Real) or not lo <= float(v) <= hi:
         raise BadRequest(f"{name} must be a number from {lo} to {hi}", param=name, code="invalid_value")

@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest, UpstreamError
 from extproc.providers import sse
 from extproc.providers.base import StreamProgress, UpstreamRequest, Usage

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest, error_body
 from extproc.providers import sse
 from extproc.providers.base import StreamProgress, UpstreamRequest, Usage

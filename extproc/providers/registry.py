@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.config import Provider, Target
+from extproc.providers.settings import Provider, Target
 from extproc.providers.base import Translator
 from extproc.providers.openai import AzureOpenAITranslator, OpenAITranslator
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from datetime import UTC, datetime
 
-from extproc.config import GatewayConfig
-from extproc.credentials.vault import secret_reader
+from extproc.config import GatewayConfig, environment
+from extproc.credentials.secrets import redis_password
 from extproc.quota.ledger import GROUPS, Totals, format_totals, open_ledger, parse_since, totals, totals_json
 from extproc.quota.store import QuotaUnavailable
 
@@ -36,7 +35,7 @@ def spend_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         print(f"tollgate: --since: {e}", file=sys.stderr)
         return 2
     try:
-        groups = asyncio.run(_spend(cfg, dict(os.environ), args, time.time() - window))
+        groups = asyncio.run(_spend(cfg, environment(), args, time.time() - window))
     except (QuotaUnavailable, OSError) as e:
         print(f"tollgate: the usage ledger cannot be read: {e}", file=sys.stderr)
         return 1
@@ -53,9 +52,7 @@ def spend_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 
 async def _spend(cfg: GatewayConfig, env: dict[str, str], args: argparse.Namespace, since: float) -> dict[str, Totals]:
     assert cfg.quota is not None
-    r = cfg.redis
-    password = secret_reader(r.password, env)() if r is not None and r.password else None
-    ledger = open_ledger(cfg.quota, password=password)
+    ledger = open_ledger(cfg.quota, password=redis_password(cfg.redis, env))
     try:
         return await totals(ledger, since=since, team=args.team, principal=args.principal, by=args.by)
     except Exception as e:  # redis-py raises its own errors from a read

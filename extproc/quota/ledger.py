@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from extproc.config import parse_duration
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.limits import MICROS_PER_USD
 from extproc.quota.records import UsageRecord
@@ -93,11 +92,11 @@ async def totals(
 
 
 def parse_since(text: str) -> float:
-    """``90s``, ``30m``, ``24h``, ``7d`` → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    if not m:
+    """``90s``, ``30m``, ``24h``, ``7d`` → seconds (the config's duration grammar)."""
+    seconds = parse_duration(text)
+    if seconds is None or seconds <= 0:
         raise ValueError(f"expected a duration such as 30m, 24h or 7d, not {text!r}")
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    return seconds
 
 
 def totals_json(groups: Mapping[str, Totals], by: str | None) -> dict[str, Any]:
@@ -170,7 +169,7 @@ class RedisLedger:
         low = str(int(since * 1000))
         high = "+" if until is None else f"({int(until * 1000)}"
         while True:
-            batch = await self._client.xrange(self._stream, min=low, max=high, count=1000)
+            batch: list[Any] = list(await self._client.xrange(self._stream, min=low, max=high, count=1000) or ())
             for entry_id, raw in batch:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 yield UsageRecord.from_fields(raw, int(eid.split("-")[0]) / 1000)

@@ -1,10 +1,12 @@
 """The ``quota:`` section of the gateway config, typed and validated.
 
-``config.py`` passes the parsed YAML mapping to ``parse_quota`` with the
-gateway's top-level ``redis:`` url and key prefix (the quota keys use the
-prefix as their hash tag); a ``ValueError`` names the bad key
-(``quota.limits.teams.ml.usd_per_day: …``) for config.py to report with its
-line. Example::
+``config.py`` passes the parsed YAML mapping to ``parse_quota`` with its
+``Reader`` (so errors name the key and line:
+``quota.limits.teams.ml.usd_per_day: … (line 12)``), the gateway's top-level
+``redis:`` url and key prefix (the quota keys use the prefix as their hash
+tag), and the model aliases, whose every target model must have a price.
+Parsed on its own (no reader), errors are ``ConfigError``s without lines.
+Example::
 
     quota:
       store: auto                      # auto: redis when redis: is configured, else memory
@@ -31,18 +33,20 @@ line. Example::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from extproc.config import Reader
 from extproc.quota.calendar import zone
 from extproc.quota.limits import MAX_TOKENS, MICROS_PER_USD, Budget, TokenBucket
 from extproc.quota.prices import DEFAULT_PRICES, PriceTable, parse_price, parse_prices
 
+if TYPE_CHECKING:
+    from extproc.providers.settings import ModelAlias
+
 ANY = "*"  # a limit for every principal/team/alias without its own entry (each keeps its own counters)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,139 +83,118 @@ _KEYS = {"store", "time_zone", "on_store_error", "replicas", "lease", "stream_sl
 
 
 def parse_quota(
-    data: Any, where: str = "quota", *, redis_url: str | None = None, key_prefix: str = "tollgate"
+    data: Any, where: str = "quota", *, redis_url: str | None = None, key_prefix: str = "tollgate",
+    reader: Reader | None = None, models: Mapping[str, ModelAlias] | None = None,
 ) -> QuotaSettings:
-    m = _mapping(data, where, _KEYS)
+    r = reader or Reader.detached()
+    m = r.mapping(data, where, _KEYS)
     d = QuotaSettings()
     store = m.get("store", "auto")
     if store == "auto":
         store = "redis" if redis_url else "memory"
     if store not in ("memory", "redis"):
-        raise ValueError(f"{where}.store: expected auto, memory or redis")
+        raise r.fail(f"{where}.store", "expected auto, memory or redis")
     if store == "redis" and not redis_url:
-        raise ValueError(f"{where}.store: redis needs the top-level redis: section (url)")
+        raise r.fail(f"{where}.store", "redis needs the top-level redis: section (url)")
     policy = m.get("on_store_error", d.on_store_error)
     if policy not in ("fail_closed", "fail_open"):
-        raise ValueError(f"{where}.on_store_error: expected fail_closed or fail_open")
+        raise r.fail(f"{where}.on_store_error", "expected fail_closed or fail_open")
     tz = str(m.get("time_zone", d.time_zone))
     try:
         zone(tz)
     except ValueError as e:
-        raise ValueError(f"{where}.time_zone: {e}") from None
-    prices = PriceTable(DEFAULT_PRICES).with_overrides(
-        parse_prices(m.get("prices") or {}, f"{where}.prices"),
-        parse_price(m["default_price"], f"{where}.default_price") if m.get("default_price") is not None else None,
-    )
-    limits = _mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
-    pool = _mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
-    return QuotaSettings(
+        raise r.fail(f"{where}.time_zone", str(e)) from None
+    try:
+        prices = PriceTable(DEFAULT_PRICES).with_overrides(
+            parse_prices(m.get("prices") or {}, f"{where}.prices"),
+            parse_price(m["default_price"], f"{where}.default_price") if m.get("default_price") is not None else None,
+        )
+    except ValueError as e:  # the price parser names the key; the reader adds the line
+        raise r.wrap(e) from None
+    limits = r.mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
+    ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path"})
+    pool = r.mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
+    q = QuotaSettings(
         store=store, redis_url=redis_url if store == "redis" else None,
-        hash_tag=_hash_tag(key_prefix, "redis.key_prefix"),
+        hash_tag=_hash_tag(r, key_prefix, "redis.key_prefix"),
         time_zone=tz, on_store_error=policy,
-        replicas=_int(m.get("replicas"), f"{where}.replicas", d.replicas, 1, 10_000),
-        lease_seconds=_duration(m.get("lease"), f"{where}.lease", d.lease_seconds),
-        stream_slice_tokens=_int(m.get("stream_slice_tokens"), f"{where}.stream_slice_tokens",
-                                 d.stream_slice_tokens, 1, 1_000_000),
-        default_max_tokens=_int(m.get("default_max_tokens"), f"{where}.default_max_tokens",
-                                d.default_max_tokens, 1, 1_000_000),
-        ledger_path=_str(_mapping(m.get("ledger"), f"{where}.ledger", {"path"}).get("path"), f"{where}.ledger.path"),
-        redis_max_connections=_int(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
-                                   d.redis_max_connections, 1, 10_000),
-        redis_pool_wait=_duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, low=0.001,
-                                  high=60),
+        replicas=r.integer(m.get("replicas"), f"{where}.replicas", d.replicas, 1, 10_000),
+        lease_seconds=r.duration(m.get("lease"), f"{where}.lease", d.lease_seconds, lo=1, hi=86_400),
+        stream_slice_tokens=r.integer(m.get("stream_slice_tokens"), f"{where}.stream_slice_tokens",
+                                      d.stream_slice_tokens, 1, 1_000_000),
+        default_max_tokens=r.integer(m.get("default_max_tokens"), f"{where}.default_max_tokens",
+                                     d.default_max_tokens, 1, 1_000_000),
+        ledger_path=r.string(ledger.get("path"), f"{where}.ledger.path"),
+        redis_max_connections=r.integer(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
+                                        d.redis_max_connections, 1, 10_000),
+        redis_pool_wait=r.duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, lo=0.001, hi=60),
         prices=prices,
-        context_windows={str(k): _int(v, f"{where}.context_windows.{k}", 0, 1, 100_000_000)
-                         for k, v in _mapping(m.get("context_windows"), f"{where}.context_windows", None).items()},
-        org=_limit(limits["org"], f"{where}.limits.org") if limits.get("org") is not None else None,
-        teams=_limits(limits.get("teams"), f"{where}.limits.teams"),
-        principals=_limits(limits.get("principals"), f"{where}.limits.principals"),
-        aliases=_limits(limits.get("aliases"), f"{where}.limits.aliases"),
+        context_windows={str(k): r.integer(v, f"{where}.context_windows.{k}", 0, 1, 100_000_000)
+                         for k, v in r.mapping(m.get("context_windows"), f"{where}.context_windows", None).items()},
+        org=_limit(r, limits["org"], f"{where}.limits.org") if limits.get("org") is not None else None,
+        teams=_limits(r, limits.get("teams"), f"{where}.limits.teams"),
+        principals=_limits(r, limits.get("principals"), f"{where}.limits.principals"),
+        aliases=_limits(r, limits.get("aliases"), f"{where}.limits.aliases"),
     )
+    if models is not None:
+        _check_priced(r, q.prices, models)
+    if reader is not None and q.store == "memory" and q.ledger_path is None:  # part of a gateway config
+        return replace(q, ledger_path=r.state_path("quota.sqlite3"))
+    if q.ledger_path:
+        return replace(q, ledger_path=r.path(q.ledger_path))
+    return q
 
 
-def _limits(v: Any, where: str) -> dict[str, LimitSpec]:
-    m = _mapping(v, where, None)
-    return {str(name): _limit(spec, f"{where}.{name}") for name, spec in m.items()}
+def _check_priced(r: Reader, prices: PriceTable, models: Mapping[str, ModelAlias]) -> None:
+    """Refuse an unpriced model now, not by charging 0 later."""
+    for name, alias in models.items():
+        for i, t in enumerate(alias.targets):
+            if prices.missing([t.model]):
+                raise r.fail(f"models.{name}.targets[{i}].model",
+                             f"no price for model {t.model!r}; add it under quota.prices or set quota.default_price")
 
 
-def _limit(v: Any, where: str) -> LimitSpec:
-    m = _mapping(v, where, {"tokens_per_minute", "burst", "requests_per_minute", "usd_per_day", "usd_per_month"})
+def _limits(r: Reader, v: Any, where: str) -> dict[str, LimitSpec]:
+    m = r.mapping(v, where, None)
+    return {str(name): _limit(r, spec, f"{where}.{name}") for name, spec in m.items()}
+
+
+def _limit(r: Reader, v: Any, where: str) -> LimitSpec:
+    m = r.mapping(v, where, {"tokens_per_minute", "burst", "requests_per_minute", "usd_per_day", "usd_per_month"})
     if not m:
-        raise ValueError(f"{where}: give tokens_per_minute, requests_per_minute and/or usd_per_day / usd_per_month")
+        raise r.fail(where, "give tokens_per_minute, requests_per_minute and/or usd_per_day / usd_per_month")
     bucket = None
     if m.get("tokens_per_minute") is not None:
-        rate = _int(m["tokens_per_minute"], f"{where}.tokens_per_minute", 0, 1, MAX_TOKENS)
-        bucket = TokenBucket(rate, _int(m.get("burst"), f"{where}.burst", rate, 1, MAX_TOKENS))
+        rate = r.integer(m["tokens_per_minute"], f"{where}.tokens_per_minute", 0, 1, MAX_TOKENS)
+        bucket = TokenBucket(rate, r.integer(m.get("burst"), f"{where}.burst", rate, 1, MAX_TOKENS))
     elif m.get("burst") is not None:
-        raise ValueError(f"{where}.burst: needs tokens_per_minute")
+        raise r.fail(f"{where}.burst", "needs tokens_per_minute")
     requests = None
     if m.get("requests_per_minute") is not None:
-        rpm = _int(m["requests_per_minute"], f"{where}.requests_per_minute", 0, 1, MAX_TOKENS)
+        rpm = r.integer(m["requests_per_minute"], f"{where}.requests_per_minute", 0, 1, MAX_TOKENS)
         requests = TokenBucket(rpm, rpm)
     budgets: list[Budget] = []
     if m.get("usd_per_day") is not None:
-        budgets.append(Budget("day", _usd(m["usd_per_day"], f"{where}.usd_per_day")))
+        budgets.append(Budget("day", _usd(r, m["usd_per_day"], f"{where}.usd_per_day")))
     if m.get("usd_per_month") is not None:
-        budgets.append(Budget("month", _usd(m["usd_per_month"], f"{where}.usd_per_month")))
+        budgets.append(Budget("month", _usd(r, m["usd_per_month"], f"{where}.usd_per_month")))
     return LimitSpec(bucket, tuple(budgets), requests)
 
 
-def _mapping(v: Any, where: str, allowed: set[str] | None) -> dict[str, Any]:
-    if v is None:
-        return {}
-    if not isinstance(v, Mapping):
-        raise ValueError(f"{where}: expected a mapping")
-    for k in v:
-        if allowed is not None and k not in allowed:
-            raise ValueError(f"{where}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})")
-    return dict(v)
-
-
-def _int(v: Any, where: str, default: int, lo: int, hi: int) -> int:
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{where}: expected a whole number from {lo} to {hi}")
-    return v
-
-
-def _usd(v: Any, where: str) -> int:
+def _usd(r: Reader, v: Any, where: str) -> int:
     """A USD amount as integer micro-dollars (at most 6 decimals)."""
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(f"{where}: expected an amount of USD such as 50 or 12.5")
+        raise r.fail(where, "expected an amount of USD such as 50 or 12.5")
     try:
         micro = Decimal(str(v).replace(",", "").lstrip("$")) * MICROS_PER_USD
     except InvalidOperation:
-        raise ValueError(f"{where}: {v!r} is not an amount of USD") from None
+        raise r.fail(where, f"{v!r} is not an amount of USD") from None
     if not micro.is_finite() or micro < 0 or micro != micro.to_integral_value() or micro > 10**15:
-        raise ValueError(f"{where}: expected an amount of USD from 0 to 1000000000 with at most 6 decimals")
+        raise r.fail(where, "expected an amount of USD from 0 to 1000000000 with at most 6 decimals")
     return int(micro)
 
 
-def _duration(v: Any, where: str, default: float, *, low: float = 1, high: float = 86_400) -> float:
-    if v is None:
-        return default
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        seconds = float(v)
-    elif isinstance(v, str) and (m := _DURATION.match(v)):
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    else:
-        raise ValueError(f"{where}: expected a duration such as 30s, 10m or 1h")
-    if not low <= seconds <= high:
-        span = "1s to 24h" if (low, high) == (1, 86_400) else f"{low:g}s to {high:g}s"
-        raise ValueError(f"{where}: expected from {span}")
-    return seconds
-
-
-def _str(v: Any, where: str) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"{where}: expected a non-empty string")
-    return v
-
-
-def _hash_tag(v: Any, where: str) -> str:
+def _hash_tag(r: Reader, v: Any, where: str) -> str:
     if not isinstance(v, str) or not v or any(c in v for c in "{}"):
-        raise ValueError(f"{where}: expected a non-empty string without braces")
+        raise r.fail(where, "expected a non-empty string without braces")
     return v

@@ -109,7 +109,7 @@ class Metrics:
             "Time the request spent in Tollgate and Envoy, excluding the provider: from the gateway receiving the "
             "request headers to the answering attempt leaving, less failed attempts, plus Python time on the response.",
             ("alias",), buckets=OVERHEAD_BUCKETS, registry=r)
-        self._server: object | None = None
+        self._server: tuple[Any, threading.Thread] | None = None
         self._cache: dict[tuple[str, ...], _Children] = {}  # bounded: every label value is from the config
 
     # -- label folding
@@ -227,7 +227,7 @@ class Metrics:
 
     def close(self) -> None:
         if self._server is not None:
-            server, _thread = self._server  # type: ignore[misc]
+            server, _thread = self._server
             threading.Thread(target=server.shutdown, daemon=True).start()
             self._server = None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ from extproc.auth.jwks import FileJwks, KeySet
 from extproc.auth.policy import AccessPolicy
 from extproc.auth.token_cache import VerifiedTokens
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import ClaimPaths, Issuer, Team
+from extproc.auth.settings import ClaimPaths, Issuer, Team
 from extproc.errors import Forbidden, Unauthenticated
 from tests.fake_idp import FakeIdP
 
@@ -157,15 +156,13 @@ def test_a_dev_token_minted_with_the_local_key_is_accepted_by_a_dev_issuer(tmp_p
     assert oct((tmp_path / "dev" / "key.pem").stat().st_mode & 0o777) == "0o600"
 
 
-def test_the_deny_list_is_read_from_its_store_when_the_authenticator_starts(tmp_path):
-    async def run():
-        await FileDenyStore(str(tmp_path / "deny.json")).add(new_entry("principal", "mallory"))
-        auth = authenticator(tmp_path)
-        auth._started = False
-        await auth.start()
-        try:
+async def test_the_deny_list_is_read_from_its_store_when_the_authenticator_starts(tmp_path):
+    await FileDenyStore(str(tmp_path / "deny.json")).add(new_entry("principal", "mallory"))
+    auth = authenticator(tmp_path)
+    auth._started = False
+    await auth.start()
+    try:
+        with pytest.raises(Forbidden):
             auth.authenticate(bearer(IDP.mint(sub="mallory")), "r1")
-        finally:
-            await auth.close()
-    with pytest.raises(Forbidden):
-        asyncio.run(run())
+    finally:
+        await auth.close()

@@ -33,41 +33,35 @@ def make_store(request, tmp_path):
     return lambda: RedisDenyStore(server.url, prefix=prefix)
 
 
-def test_entries_are_added_listed_and_removed_and_each_change_moves_the_version(make_store):
-    async def run():
-        store = make_store()
-        v0 = await store.version()
-        await store.add(new_entry("principal", "mallory", "left the company"))
-        await store.add(new_entry("jti", "tok-9"))
-        v1 = await store.version()
-        listed = {(e.kind, e.value, e.reason) for e in await store.entries()}
-        removed, again = await store.remove("principal", "mallory"), await store.remove("principal", "mallory")
-        left = [(e.kind, e.value) for e in await store.entries()]
-        await store.close()
-        return v0, v1, listed, removed, again, left
-    v0, v1, listed, removed, again, left = asyncio.run(run())
+async def test_entries_are_added_listed_and_removed_and_each_change_moves_the_version(make_store):
+    store = make_store()
+    v0 = await store.version()
+    await store.add(new_entry("principal", "mallory", "left the company"))
+    await store.add(new_entry("jti", "tok-9"))
+    v1 = await store.version()
+    listed = {(e.kind, e.value, e.reason) for e in await store.entries()}
+    removed, again = await store.remove("principal", "mallory"), await store.remove("principal", "mallory")
+    left = [(e.kind, e.value) for e in await store.entries()]
+    await store.close()
     assert v0 != v1
     assert listed == {("principal", "mallory", "left the company"), ("jti", "tok-9", "")}
     assert (removed, again, left) == (True, False, [("jti", "tok-9")])
 
 
-def test_a_second_sidecar_sees_a_denial_within_a_poll(make_store):
-    async def run():
-        sidecar, cli = DenyListSync(make_store(), poll_interval=0.05), make_store()
-        await sidecar.start()
-        assert sidecar.refusal(ALICE, time.time()) is None
-        started = time.monotonic()
-        await cli.add(new_entry("principal", "alice"))
-        while sidecar.refusal(ALICE, time.time()) is None:
-            await asyncio.sleep(0.01)
-        took = time.monotonic() - started
-        await cli.remove("principal", "alice")
-        await asyncio.sleep(0.2)
-        lifted = sidecar.refusal(ALICE, time.time()) is None
-        await sidecar.close()
-        await cli.close()
-        return took, lifted
-    took, lifted = asyncio.run(run())
+async def test_a_second_sidecar_sees_a_denial_within_a_poll(make_store):
+    sidecar, cli = DenyListSync(make_store(), poll_interval=0.05), make_store()
+    await sidecar.start()
+    assert sidecar.refusal(ALICE, time.time()) is None
+    started = time.monotonic()
+    await cli.add(new_entry("principal", "alice"))
+    while sidecar.refusal(ALICE, time.time()) is None:
+        await asyncio.sleep(0.01)
+    took = time.monotonic() - started
+    await cli.remove("principal", "alice")
+    await asyncio.sleep(0.2)
+    lifted = sidecar.refusal(ALICE, time.time()) is None
+    await sidecar.close()
+    await cli.close()
     assert took < 0.5 and lifted
 
 
@@ -86,41 +80,33 @@ def test_a_timed_denial_lapses_by_itself():
     assert snapshot.refusal(ALICE, time.time() + 61) is None
 
 
-def test_with_redis_down_the_last_known_list_keeps_applying(redis_server):
-    async def run():
-        prefix = f"t{time.monotonic_ns()}"
-        store = RedisDenyStore(redis_server.url, prefix=prefix)
-        await store.add(new_entry("principal", "alice"))
-        sync = DenyListSync(RedisDenyStore(redis_server.url, prefix=prefix), poll_interval=0.05)
-        await sync.start()
-        sync.store = RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0")  # the same sidecar, its Redis gone
-        ok = await sync.sync()
-        still = sync.refusal(ALICE, time.time())
-        await sync.close()
-        await store.close()
-        return ok, still
-    ok, still = asyncio.run(run())
+async def test_with_redis_down_the_last_known_list_keeps_applying(redis_server):
+    prefix = f"t{time.monotonic_ns()}"
+    store = RedisDenyStore(redis_server.url, prefix=prefix)
+    await store.add(new_entry("principal", "alice"))
+    sync = DenyListSync(RedisDenyStore(redis_server.url, prefix=prefix), poll_interval=0.05)
+    await sync.start()
+    sync.store = RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0")  # the same sidecar, its Redis gone
+    ok = await sync.sync()
+    still = sync.refusal(ALICE, time.time())
+    await sync.close()
+    await store.close()
     assert ok is False and isinstance(still, Forbidden)
 
 
-def test_with_policy_refuse_an_unreachable_store_fails_closed_with_503():
-    async def run():
-        sync = DenyListSync(RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0"), poll_interval=0.05,
-                            refuse_when_stale=True)
-        await sync.start()
-        err = sync.refusal(ALICE, time.time())
-        await sync.close()
-        return err
-    err = asyncio.run(run())
+async def test_with_policy_refuse_an_unreachable_store_fails_closed_with_503():
+    sync = DenyListSync(RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0"), poll_interval=0.05,
+                        refuse_when_stale=True)
+    await sync.start()
+    err = sync.refusal(ALICE, time.time())
+    await sync.close()
     assert isinstance(err, Unavailable) and err.code == "deny_list_unavailable"
 
 
-def test_an_unreachable_redis_is_reported_as_such_to_the_cli():
-    async def run():
-        store = RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0")
-        try:
+async def test_an_unreachable_redis_is_reported_as_such_to_the_cli():
+    store = RedisDenyStore(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(StoreUnavailable, match="redis"):
             await store.add(new_entry("principal", "alice"))
-        finally:
-            await store.close()
-    with pytest.raises(StoreUnavailable, match="redis"):
-        asyncio.run(run())
+    finally:
+        await store.close()

@@ -15,7 +15,7 @@ def test_a_dev_token_for_team_ml_may_call_demo_but_not_the_embedding_alias(tmp_p
     env = {"HOME": str(tmp_path)}
     cfg = load_config(ENVOY_DIR / "gateway.dev-auth.yaml", env=env)
     token = mint_dev_token(cfg.auth.issuers[0], sub="alice", team="ml")
-    auth = build_authenticator(cfg, env)
+    auth = build_authenticator(cfg)
     auth._started = True  # no event loop here: the deny list stays empty
     ident = auth.authenticate({"authorization": f"Bearer {token}"}, "r1")
     assert (ident.principal, ident.team) == ("alice", "ml")

@@ -6,7 +6,7 @@ import pytest
 
 from extproc.auth.identity import Identity, IdentityMapper, claim_at
 from extproc.auth.policy import AccessPolicy
-from extproc.config import ClaimPaths, Issuer, Team
+from extproc.auth.settings import ClaimPaths, Issuer, Team
 from extproc.errors import Forbidden, Unauthenticated
 
 K8S_CLAIMS = {

@@ -12,7 +12,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from extproc.auth.jwks import FileJwks, JwksError, KeySet, UrlJwks
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import Issuer
+from extproc.auth.settings import Issuer
 from extproc.errors import Unauthenticated, Unavailable
 from tests.fake_idp import FakeIdP
 from tests.harness import free_port
@@ -81,85 +81,73 @@ async def verify(v: TokenVerifier, token: str) -> dict:
     return result if isinstance(result, dict) else await result
 
 
-def test_keys_are_fetched_once_and_then_served_from_memory(idp):
-    async def run():
-        v, source = url_verifier(idp)
-        await source.start()
-        for _ in range(5):
-            assert isinstance(v.verify(idp.mint()), dict)
-        await source.close()
-    asyncio.run(run())
+async def test_keys_are_fetched_once_and_then_served_from_memory(idp):
+    v, source = url_verifier(idp)
+    await source.start()
+    for _ in range(5):
+        assert isinstance(v.verify(idp.mint()), dict)
+    await source.close()
     assert idp.jwks_hits == 1
 
 
-def test_an_unknown_kid_fetches_the_keys_again_which_finds_a_rotated_key(idp):
-    async def run():
-        v, source = url_verifier(idp, min_interval=0)
-        await source.start()
-        idp.add_key("rsa-2", rsa.generate_private_key(public_exponent=65537, key_size=2048))
-        claims = await verify(v, idp.mint(kid="rsa-2"))
-        await source.close()
-        return claims
-    assert asyncio.run(run())["sub"] == "alice"
+async def test_an_unknown_kid_fetches_the_keys_again_which_finds_a_rotated_key(idp):
+    v, source = url_verifier(idp, min_interval=0)
+    await source.start()
+    idp.add_key("rsa-2", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    claims = await verify(v, idp.mint(kid="rsa-2"))
+    await source.close()
+    assert claims["sub"] == "alice"
     assert idp.jwks_hits == 2
 
 
-def test_a_flood_of_made_up_kids_costs_the_idp_at_most_one_fetch_per_interval(idp):
+async def test_a_flood_of_made_up_kids_costs_the_idp_at_most_one_fetch_per_interval(idp):
     clock = [0.0]
 
-    async def run():
-        v, source = url_verifier(idp, min_interval=60, clock=lambda: clock[0])
-        await source.start()
-        clock[0] = 61.0
-        refused = 0
-        for i in range(50):
-            try:
-                await verify(v, idp.mint(headers={"kid": f"bogus-{i}"}))
-            except Unauthenticated as e:
-                refused += e.code == "unknown_kid"
-        await source.close()
-        return refused
-    assert asyncio.run(run()) == 50
+    v, source = url_verifier(idp, min_interval=60, clock=lambda: clock[0])
+    await source.start()
+    clock[0] = 61.0
+    refused = 0
+    for i in range(50):
+        try:
+            await verify(v, idp.mint(headers={"kid": f"bogus-{i}"}))
+        except Unauthenticated as e:
+            refused += e.code == "unknown_kid"
+    await source.close()
+    assert refused == 50
     assert idp.jwks_hits == 2  # the start-up fetch, then one for the whole flood
 
 
-def test_when_the_idp_goes_down_the_last_good_keys_keep_working(idp):
-    async def run():
-        v, source = url_verifier(idp, min_interval=0)
-        await source.start()
-        idp.down = True
-        await source.refresh()  # fails, and keeps what it had
-        claims = await verify(v, idp.mint())
-        with pytest.raises(Unauthenticated):
-            await verify(v, idp.mint(headers={"kid": "rsa-404"}))
-        await source.close()
-        return claims
-    assert asyncio.run(run())["sub"] == "alice"
+async def test_when_the_idp_goes_down_the_last_good_keys_keep_working(idp):
+    v, source = url_verifier(idp, min_interval=0)
+    await source.start()
+    idp.down = True
+    await source.refresh()  # fails, and keeps what it had
+    claims = await verify(v, idp.mint())
+    with pytest.raises(Unauthenticated):
+        await verify(v, idp.mint(headers={"kid": "rsa-404"}))
+    await source.close()
+    assert claims["sub"] == "alice"
 
 
-def test_with_no_keys_ever_fetched_verification_fails_closed_with_503(idp):
-    async def run():
-        v, source = url_verifier(idp, url=f"http://127.0.0.1:{free_port()}/jwks", min_interval=0)
-        await source.start()
-        with pytest.raises(Unavailable) as e:
-            await verify(v, idp.mint())
-        await source.close()
-        return e.value
-    err = asyncio.run(run())
+async def test_with_no_keys_ever_fetched_verification_fails_closed_with_503(idp):
+    v, source = url_verifier(idp, url=f"http://127.0.0.1:{free_port()}/jwks", min_interval=0)
+    await source.start()
+    with pytest.raises(Unavailable) as e:
+        await verify(v, idp.mint())
+    await source.close()
+    err = e.value
     assert (err.status, err.code) == (503, "auth_unavailable")
 
 
-def test_stale_keys_are_refreshed_in_the_background_while_still_serving(idp):
+async def test_stale_keys_are_refreshed_in_the_background_while_still_serving(idp):
     clock = [0.0]
 
-    async def run():
-        settings = Issuer(issuer=idp.issuer, audiences=("tollgate",))
-        source = UrlJwks(idp.jwks_url, idp.issuer, ttl=10, min_interval=1, timeout=2, clock=lambda: clock[0])
-        v = TokenVerifier([TrustedIssuer(settings, source)], clock=lambda: clock[0])
-        await source.start()
-        clock[0] = 11.0
-        assert isinstance(v.verify(idp.mint()), dict)  # answered from the cache at once...
-        await asyncio.sleep(0.3)  # ...while a refresh ran behind it
-        await source.close()
-    asyncio.run(run())
+    settings = Issuer(issuer=idp.issuer, audiences=("tollgate",))
+    source = UrlJwks(idp.jwks_url, idp.issuer, ttl=10, min_interval=1, timeout=2, clock=lambda: clock[0])
+    v = TokenVerifier([TrustedIssuer(settings, source)], clock=lambda: clock[0])
+    await source.start()
+    clock[0] = 11.0
+    assert isinstance(v.verify(idp.mint()), dict)  # answered from the cache at once...
+    await asyncio.sleep(0.3)  # ...while a refresh ran behind it
+    await source.close()
     assert idp.jwks_hits == 2

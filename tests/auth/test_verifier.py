@@ -9,7 +9,7 @@ import pytest
 
 from extproc.auth.jwks import KeySet, StaticJwks
 from extproc.auth.verifier import TokenVerifier, TrustedIssuer
-from extproc.config import Issuer
+from extproc.auth.settings import Issuer
 from extproc.errors import Unauthenticated
 from tests.fake_idp import FakeIdP
 from tests.token_attacks import ATTACKS

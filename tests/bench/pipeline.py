@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                     ports[f"{kind}-{flavour}"], pids[f"{kind}-{flavour}"] = port, p.pid
             cfgs, token = configs(ports, tmp, redis.url)
             subjects: list[Subject] = []
-            for i, (key, cfg) in enumerate(cfgs.items()):
+            for key, cfg in cfgs.items():
                 d = tmp / f"gw-{key}"
                 d.mkdir()
                 gw = Gateway(d, cfg, env={KEY_ENV: PROVIDER_KEY}).start()

@@ -8,8 +8,11 @@ import time
 import pytest
 
 from extproc.credentials.azure_ad import AzureAdToken
-from extproc.config import AzureAd, ModelAlias, Provider, SecretRef, Target
-from extproc.credentials.vault import CredentialVault, secret_reader
+from extproc.config import SecretRef
+from extproc.credentials.settings import AzureAd
+from extproc.providers.settings import ModelAlias, Provider, Target
+from extproc.credentials.secrets import secret_reader
+from extproc.credentials.vault import CredentialVault
 from extproc.errors import UpstreamError
 from tests.fake_idp import FakeIdP
 from tests.harness import free_port
@@ -30,67 +33,58 @@ def provider(token_url: str, secret: SecretRef = SecretRef(env="AAD_SECRET")) ->
 ALIAS = ModelAlias("gpt-4o", (Target("azure", "gpt-4o-prod"),))
 
 
-def test_the_vault_injects_an_azure_ad_bearer_token_got_by_client_credentials(idp):
+async def test_the_vault_injects_an_azure_ad_bearer_token_got_by_client_credentials(idp):
     p = provider(idp.token_url)
     vault = CredentialVault({"azure": p}, {"AAD_SECRET": "s3cret"})
 
-    async def run():
-        with pytest.raises(UpstreamError):
-            vault.headers(p)  # nothing fetched yet
-        warming = vault.warm_up(ALIAS)
-        assert warming is not None
-        await warming
-        first = vault.headers(p)
-        assert vault.warm_up(ALIAS) is None  # fresh now: requests do not wait
-        second = vault.headers(p)
-        await vault.close()
-        return first, second
-    first, second = asyncio.run(run())
+    with pytest.raises(UpstreamError):
+        vault.headers(p)  # nothing fetched yet
+    warming = vault.warm_up(ALIAS)
+    assert warming is not None
+    await warming
+    first = vault.headers(p)
+    assert vault.warm_up(ALIAS) is None  # fresh now: requests do not wait
+    second = vault.headers(p)
+    await vault.close()
     assert first == second and first["authorization"].startswith("Bearer aad-token-1-")
     assert "api-key" not in first
     assert idp.token_requests == [{"grant_type": "client_credentials", "client_id": "app-1", "client_secret": "s3cret",
                                    "scope": "https://cognitiveservices.azure.com/.default"}]
 
 
-def test_the_token_is_refreshed_in_the_background_before_it_expires(idp):
+async def test_the_token_is_refreshed_in_the_background_before_it_expires(idp):
     idp.token_lifetime = 1  # refreshed after half its life, used until a tenth before the end
 
-    async def run():
-        token = AzureAdToken("azure", provider(idp.token_url).azure_ad, lambda: "s3cret")
-        await token.start()
-        seen, gaps = set(), 0
-        await asyncio.sleep(0.2)
-        for _ in range(25):  # 1.25 s: longer than the first token lives
-            current = token.current(time.monotonic())
-            seen.add(current)
-            gaps += current is None
-            await asyncio.sleep(0.05)
-        await token.close()
-        return seen, gaps
-    seen, gaps = asyncio.run(run())
+    token = AzureAdToken("azure", provider(idp.token_url).azure_ad, lambda: "s3cret")
+    await token.start()
+    seen, gaps = set(), 0
+    await asyncio.sleep(0.2)
+    for _ in range(25):  # 1.25 s: longer than the first token lives
+        current = token.current(time.monotonic())
+        seen.add(current)
+        gaps += current is None
+        await asyncio.sleep(0.05)
+    await token.close()
     assert gaps == 0  # never a moment without a usable token
     assert len(seen) >= 2 and len(idp.token_requests) >= 2
 
 
-def test_a_failing_token_endpoint_gives_a_clear_502_naming_the_provider(idp):
+async def test_a_failing_token_endpoint_gives_a_clear_502_naming_the_provider(idp):
     idp.token_status = 401
     p = provider(idp.token_url)
     vault = CredentialVault({"azure": p}, {"AAD_SECRET": "wrong"})
-
-    async def run():
-        await vault.warm_up(ALIAS)
-        try:
+    await vault.warm_up(ALIAS)
+    try:
+        with pytest.raises(UpstreamError) as e:
             vault.headers(p)
-        finally:
-            await vault.close()
-    with pytest.raises(UpstreamError) as e:
-        asyncio.run(run())
+    finally:
+        await vault.close()
     assert e.value.status == 502 and e.value.code == "azure_ad_token_unavailable"
     assert "provider azure" in e.value.message and "HTTP 401 (invalid_client)" in e.value.message
     assert "wrong" not in e.value.message
 
 
-def test_an_unreachable_token_endpoint_and_a_missing_secret_are_reported_too(tmp_path):
+async def test_an_unreachable_token_endpoint_and_a_missing_secret_are_reported_too(tmp_path):
     async def attempt(p: Provider, env: dict) -> str:
         vault = CredentialVault({"azure": p}, env)
         await vault.warm_up(ALIAS)
@@ -102,21 +96,19 @@ def test_an_unreachable_token_endpoint_and_a_missing_secret_are_reported_too(tmp
             await vault.close()
         return ""
     dead = f"http://127.0.0.1:{free_port()}/token"
-    assert "unreachable" in asyncio.run(attempt(provider(dead), {"AAD_SECRET": "x"}))
+    assert "unreachable" in await attempt(provider(dead), {"AAD_SECRET": "x"})
     missing = provider(dead, SecretRef(file=str(tmp_path / "absent")))
-    assert "client secret (file:" in asyncio.run(attempt(missing, {}))
+    assert "client secret (file:" in await attempt(missing, {})
 
 
-def test_a_rotated_client_secret_file_is_used_for_the_next_fetch(idp, tmp_path):
+async def test_a_rotated_client_secret_file_is_used_for_the_next_fetch(idp, tmp_path):
     secret = tmp_path / "aad-secret"
     secret.write_text("first\n")
     ref = SecretRef(file=str(secret))
     token = AzureAdToken("azure", provider(idp.token_url, ref).azure_ad, secret_reader(ref, {}))
 
-    async def run():
-        await token.fetch()
-        secret.write_text("second\n")
-        await token.fetch()
-        await token.close()
-    asyncio.run(run())
+    await token.fetch()
+    secret.write_text("second\n")
+    await token.fetch()
+    await token.close()
     assert [r["client_secret"] for r in idp.token_requests] == ["first", "second"]
