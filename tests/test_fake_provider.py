@@ -278,9 +278,9 @@ def test_stream_pacing_and_chunk_count(make_fake):
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic() - started)
     assert len(arrivals) == 6
+    # Lower bounds only: a busy machine can deliver two paced chunks in one read, never early.
     assert arrivals[0] >= 0.09
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert min(gaps) >= 0.035, gaps
+    assert arrivals[-1] >= 0.09 + 5 * 0.045, arrivals
     assert fake.usage_log[-1]["completion_tokens"] == 6
 
 
