@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from extproc.config import ConfigError
 from extproc.quota.records import UsageRecord
 
 SCHEMA = """
@@ -71,8 +72,9 @@ _UPSERT = _INSERT + " on conflict(request_id) do update set " + ", ".join(
 LAZY_SECONDS = 0.05  # the longest a settlement waits to be committed (a SIGKILL meanwhile: see load)
 
 
-class StateFileBusy(RuntimeError):
-    """Another process has the embedded state file open (one sidecar per file)."""
+class StateFileBusy(ConfigError):
+    """Another process has the embedded state file open (one gateway per file): ``tollgate run`` says so
+    and exits 2, as for a config it cannot use (set ``quota.ledger.path``, or use Redis)."""
 
 
 @dataclass(slots=True)
@@ -123,7 +125,8 @@ class StateFile:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lockfile.close()
-            raise StateFileBusy(f"another tollgate process is using the quota state file {self.path}") from None
+            raise StateFileBusy(f"another tollgate process is using the quota state file {self.path} "
+                                "(give each gateway its own quota.ledger.path, or share budgets through Redis)") from None
         self._db = connect_file(self.path)
         self._db.executescript(SCHEMA)
         self._pending = _Batch()

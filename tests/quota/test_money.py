@@ -26,6 +26,7 @@ from extproc.quota.limits import Budget, Rejection, Reservation, ScopeLimits, To
 from extproc.quota.memory_store import open_embedded
 from extproc.quota.records import UsageRecord
 from extproc.quota.redis_store import RedisQuotaStore
+from extproc.quota.state_file import StateFileBusy
 from extproc.quota.store import QuotaStore
 from tests.quota.conftest import UTC
 
@@ -178,3 +179,14 @@ def test_an_embedded_store_killed_with_holds_open_records_them_as_unknown_on_res
 
     asyncio.run(after())
     assert os.path.exists(path)
+
+
+def test_a_second_gateway_on_the_same_state_file_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "quota.sqlite3")
+    first, _ = open_embedded(path, tz=UTC)
+    with pytest.raises(StateFileBusy) as caught:
+        open_embedded(path, tz=UTC)
+    assert "another tollgate process is using the quota state file" in str(caught.value)
+    asyncio.run(first.close())
+    second, _ = open_embedded(path, tz=UTC)  # free again once the first one closed
+    asyncio.run(second.close())
