@@ -14,7 +14,9 @@ connection while the gateway is down — is counted by name instead).
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -25,7 +27,7 @@ import pytest
 
 from tests.conftest import OPENAI_KEY
 from tests.fake_provider import Behaviour, FakeProvider, count_chat_words
-from tests.harness import Gateway
+from tests.harness import TOLLGATE, Gateway
 from tests.quota.redis_process import RedisProcess
 from tests.test_e2e_metrics import scrape, value
 from tests.test_e2e_quota import ASK, billed, client, config, cost, org, records, spent, words
@@ -183,6 +185,10 @@ def test_sigkill_under_load_leaves_budgets_and_ledger_in_agreement(gateway, fake
         assert unknown and all(x.micro_usd > 0 for x in unknown)
         assert sum(x.micro_usd for x in found) == booked  # to the micro-dollar
         assert booked >= billed(fake)  # a hold is the worst case: never less than the provider billed
+        spend = json.loads(subprocess.run(
+            [TOLLGATE, "spend", "--config", str(gw.config_path), "--since", "1h", "--json"],
+            capture_output=True, text=True, env=gw.env, check=True).stdout)
+        assert (spend["total"]["unknown"], spend["total"]["micro_usd"]) == (len(unknown), booked)
 
 
 # --------------------------------------------------------------------------- Redis under pressure
