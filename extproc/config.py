@@ -13,7 +13,8 @@ what an operator sees instead of a traceback.
 Each section's types and parser live beside their users: ``providers:`` and
 ``models:`` in ``providers/settings.py`` (Azure AD client credentials in
 ``credentials/settings.py``), ``auth:`` and ``teams:`` in
-``auth/settings.py``, ``quota:`` in ``quota/settings.py``. They import this
+``auth/settings.py``, ``quota:`` in ``quota/settings.py``, ``cache:`` in
+``cache/settings.py``. They import this
 module, never the other way round: ``_assemble`` is the one place that knows
 every section, and imports their parsers when it runs.
 
@@ -38,6 +39,7 @@ import yaml
 if TYPE_CHECKING:  # section types, for annotations only (see the module docstring)
     from extproc.auth.settings import AuthSettings, Team
     from extproc.providers.settings import ModelAlias, Provider, Target
+    from extproc.cache.settings import CacheSettings
     from extproc.quota.settings import QuotaSettings
 
 ENV_CONFIG = "TOLLGATE_CONFIG"
@@ -118,6 +120,7 @@ class GatewayConfig:
     limits: Limits = Limits()
     redis: RedisSettings | None = None
     quota: QuotaSettings | None = None  # None: no token or money governance at all
+    cache: CacheSettings | None = None  # None: no response cache (every answer says bypass)
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -171,13 +174,14 @@ def _index_lines(node: yaml.Node | None, path: str, out: dict[str, int]) -> None
             _index_lines(v, f"{path}[{i}]", out)
 
 
-ROOT_KEYS = {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota"}
+ROOT_KEYS = {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota", "cache"}
 
 
 def _assemble(r: Reader, data: Any) -> GatewayConfig:
     """Every section, in dependency order (models name providers, teams name models, auth names teams)."""
     from extproc.auth.settings import parse_auth, parse_teams
     from extproc.providers.settings import parse_models, parse_providers
+    from extproc.cache.settings import parse_cache
     from extproc.quota.settings import parse_quota
 
     top = r.mapping(data, "", ROOT_KEYS)
@@ -190,6 +194,11 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
     if top.get("quota") is not None:
         quota = parse_quota(top["quota"], "quota", redis_url=redis.url if redis else None,
                             key_prefix=redis.key_prefix if redis else "tollgate", reader=r, models=models)
+    try:
+        cache = parse_cache(top.get("cache"), "cache", aliases=list(models), redis_url=redis.url if redis else None,
+                            key_prefix=redis.key_prefix if redis else "tollgate")
+    except ValueError as e:
+        raise r.wrap(e) from None
     return GatewayConfig(
         listen=r.address(top.get("listen"), "listen", LISTEN),
         extproc=r.address(top.get("extproc"), "extproc", EXTPROC),
@@ -202,6 +211,7 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
         teams=teams,
         redis=redis,
         quota=quota,
+        cache=cache,
         source=r.source,
     )
 

@@ -158,7 +158,7 @@ def test_the_dashboard_shows_what_an_sre_asks_for():
         "sum by (le, model) (rate(gen_ai_server_time_per_output_token_seconds_bucket",
         "sum by (model, token_type) (rate(tollgate_tokens_total",
         "sum by (team) (increase(tollgate_cost_usd_total",
-        'result="hit"',
+        'result=~"hit_exact|hit_semantic"',
         "tollgate_fallback_attempts_total",
         "tollgate_quota_rejections_total",
         "tollgate_upstream_errors_total",

@@ -110,6 +110,8 @@ async def serve(
     if gw.auth is not None:
         await gw.auth.start()  # issuers' keys and the deny list, before the first request
     await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
+    if gw.cache is not None:
+        await gw.cache.start()  # the FAISS index rebuilt from Redis, then kept up with its insert stream
     if gw.governor is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
         models = {a.targets[0].model for a in cfg.models.values()}
         await asyncio.to_thread(gw.governor.tokenizer.warm, *models)

@@ -68,6 +68,7 @@ class Answer:
         if status >= 500 or status == 429:
             self.gw.metrics.upstream_error(provider.name, status)
         out.update({
+            "x-tollgate-cache": ex.cache.replace("_", "-"),  # a target answered: the lookup missed or bypassed
             "x-tollgate-provider": provider.name,
             "x-tollgate-model": target.model,
             "x-tollgate-attempts": str(ex.attempts),
@@ -117,6 +118,8 @@ class Answer:
         ex.answer_complete = tr.progress.done
         if tr.response_model:
             ex.response_model = tr.response_model
+        if ex.cache_state is not None and self.gw.cache is not None:  # what the client gets, for storing
+            self.gw.cache.seen(ex, out if out is not None else body.body, whole=False, end=body.end_of_stream)
         adm, produced = ex.admission, tr.progress.text
         if adm is None or not produced:
             return messages.stream_body(b"" if self.cut else out)
@@ -168,9 +171,11 @@ class Answer:
             usage_headers = {
                 "x-tollgate-input-tokens": str(u.prompt_tokens),
                 "x-tollgate-output-tokens": str(u.completion_tokens),
-                "x-tollgate-cache": ex.cache,
+                "x-tollgate-cache": ex.cache.replace("_", "-"),
             }
             micros = self.gw.cost_micros(ex) if 200 <= self.status < 300 else None
             if micros is not None:
                 usage_headers["x-tollgate-cost-usd"] = f"{micros / 1_000_000:.6f}"
+        if ex.cache_state is not None and self.gw.cache is not None:  # a complete 200 answer is stored
+            self.gw.cache.seen(ex, out if out is not None else body.body, whole=True, end=True)
         return messages.cont("response_body", body=out, set_headers=usage_headers)

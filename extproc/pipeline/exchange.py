@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from extproc.providers.base import Translator, Usage
 
@@ -50,7 +50,9 @@ class Exchange:
     raw_body: bytes = b""  # the client's bytes, for a fallback that sends them unchanged
     body_rewritten: bool = False  # the primary's preparation changed the body Envoy keeps for retries
     holders: int = 1  # the gateway stream, plus each fallback attempt's stream while it runs
-    cache: str = "bypass"  # semantic cache result: hit | miss | bypass
+    cache: str = "bypass"  # response cache result: hit_exact | hit_semantic | miss | bypass
+    cache_state: Any = None  # extproc.cache.stage.CacheState while the cache follows this exchange
+    cache_control: str = ""  # the client's Cache-Control header: no-cache skips the lookup, no-store the store
     cost_usd: float = 0.0
     upstream_sent_at: float | None = None  # the latest attempt's request left Tollgate
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers

@@ -14,7 +14,7 @@ The steps, in order (each a named method or stage; see ``base.py``)::
                       -- the Exchange is opened here --
                       STAGES, as build_stages lists them:
                         guard         (input guardrails; to come)
-                        cache         (semantic-cache lookup; to come)
+                        cache         (response-cache lookup: a hit is answered here; cache/stage.py)
                         admit         (quota hold; admission.py)
                         route         (prepare the primary target, set the route)
     response          answer          (answer.py: translate, meter, usage headers)
@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from extproc.auth.identity import Identity
+from extproc.cache.stage import cache_stage
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, Internal, MethodNotAllowed, NotFound, UpstreamError
 from extproc.pipeline import messages
@@ -77,6 +78,7 @@ def build_stages(rt: Runtime) -> tuple[Stage, ...]:
     never charged, and the cache never sees a prompt the guard refused.
     """
     stages = (
+        cache_stage(rt),
         admit_stage(rt),
         Route(rt),
     )
@@ -144,7 +146,8 @@ class Route:
 class RouterExchange:
     """The processor of one router-level stream (``base.Processor``)."""
 
-    __slots__ = ("gw", "stages", "endpoint", "request_id", "exchange", "started", "identity", "answer")
+    __slots__ = ("gw", "stages", "endpoint", "request_id", "exchange", "started", "identity", "answer",
+                 "cache_control")
 
     def __init__(self, gw: Runtime, stages: tuple[Stage, ...] | None = None) -> None:
         self.gw = gw
@@ -155,6 +158,7 @@ class RouterExchange:
         self.started = time.monotonic()
         self.identity: Identity | None = None
         self.answer = Answer(gw)
+        self.cache_control = ""  # the client's Cache-Control (no-cache, no-store), for the cache stage
 
     def on_request_headers(
         self, req: messages.ProcessingRequest
@@ -193,6 +197,7 @@ class RouterExchange:
         if eos:
             raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
         self.endpoint = endpoint
+        self.cache_control = headers.get("cache-control", "")
         drop = [k for k in headers if k.startswith(INTERNAL_PREFIX) or k in INBOUND_CREDENTIAL_HEADERS]
         # This request will be routed: read its answer (see the module docstring).
         return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
@@ -220,6 +225,7 @@ class RouterExchange:
                                       started_at=self.started, raw_body=raw)
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
+        ex.cache_control = self.cache_control
         gw.exchanges.add(ex)  # holds one reference until this stream closes
         return ex
 

@@ -9,6 +9,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.cache.build import build_cache
+from extproc.cache.stage import CacheStage
 from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
@@ -38,6 +40,7 @@ class Runtime:
     auth: Authenticator | None = None  # None in auth.mode none: every request is anonymous
     governor: Governor | None = None  # None without a quota section: nothing is counted or limited
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))  # what answers cost
+    cache: CacheStage | None = None  # None without a cache section: every answer says bypass
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
@@ -88,7 +91,7 @@ class Runtime:
         return task
 
     async def close(self) -> None:
-        """Let every pending settlement finish, then flush and close the quota store and ledger.
+        """Let every pending settlement finish, then flush and close the cache, the quota store and ledger.
 
         No fixed cut: a settlement is one store call bounded by the store's own
         timeouts (one that fails goes to the governor's backlog, which
@@ -97,6 +100,8 @@ class Runtime:
         """
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+        if self.cache is not None:
+            await self.cache.close()
         if self.governor is not None:
             await self.governor.close()
 
@@ -106,7 +111,7 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
     password = redis_password(config.redis, env)
     quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
-    return Runtime(
+    rt = Runtime(
         config=config,
         vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
         exchanges=Exchanges(),
@@ -116,6 +121,10 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
         governor=build_governor(config, password, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
     )
+    rt.cache = build_cache(config.cache, registry=metrics.registry, metrics_on=metrics.enabled, spawn=rt.spawn,
+                           ledger=rt.governor.ledger if rt.governor else None, cost_of=rt.cost_micros,
+                           redis_password=password)
+    return rt
 
 
 def build_governor(config: GatewayConfig, redis_password: str | None, metrics: Metrics) -> Governor | None:

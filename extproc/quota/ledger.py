@@ -50,11 +50,15 @@ class Totals:
     output_tokens: int = 0
     cached_tokens: int = 0
     micro_usd: int = 0
+    saved_tokens: int = 0
+    saved_micro_usd: int = 0
     unknown: int = 0  # records of holds that expired unsettled (billed as held)
 
     def add(self, r: UsageRecord) -> None:
         self.requests += 1
         self.unknown += r.outcome == "unknown"
+        self.saved_tokens += r.saved_tokens
+        self.saved_micro_usd += r.saved_micro_usd
         self.input_tokens += r.input_tokens
         self.output_tokens += r.output_tokens
         self.cached_tokens += r.cached_tokens
@@ -108,7 +112,8 @@ def totals_json(groups: Mapping[str, Totals], by: str | None) -> dict[str, Any]:
 def sum_totals(groups: Any) -> Totals:
     s = Totals()
     for t in groups:
-        for f in ("requests", "input_tokens", "output_tokens", "cached_tokens", "micro_usd", "unknown"):
+        for f in ("requests", "input_tokens", "output_tokens", "cached_tokens", "micro_usd", "saved_tokens",
+                  "saved_micro_usd", "unknown"):
             setattr(s, f, getattr(s, f) + getattr(t, f))
     return s
 
@@ -125,6 +130,10 @@ def format_totals(groups: Mapping[str, Totals], by: str | None) -> str:
     lines = [head, *(line(name, t) for name, t in groups.items())]
     if len(groups) > 1:
         lines.append(line("total", sum_totals(groups.values())))
+    saved_tokens = sum(t.saved_tokens for t in groups.values())
+    if saved_tokens:  # cache hits: recorded at cost 0, with what the provider would have charged
+        saved_usd = sum(t.saved_micro_usd for t in groups.values()) / MICROS_PER_USD
+        lines.append(f"saved by the cache: {saved_tokens} tokens, {saved_usd:.6f} USD")
     return "\n".join(lines)
 
 

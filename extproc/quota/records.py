@@ -28,7 +28,9 @@ class UsageRecord:
     output_tokens: int
     cached_tokens: int
     micro_usd: int
-    cache_status: str = "bypass"  # hit | miss | bypass
+    cache_status: str = "bypass"  # hit_exact | hit_semantic | miss | bypass
+    saved_tokens: int = 0  # a cache hit: the tokens (input + output) the provider was not asked for
+    saved_micro_usd: int = 0  # a cache hit: what the cached answer cost when it was made
     time: float = 0.0  # seconds since the epoch; set by the ledger
     outcome: str = "complete"
 
@@ -53,5 +55,6 @@ class UsageRecord:
 
         return cls(text("request_id"), text("principal"), text("team"), text("alias"), text("provider"),
                    text("model"), number("input_tokens"), number("output_tokens"), number("cached_tokens"),
-                   number("micro_usd"), text("cache_status", "bypass"), time=time,
+                   number("micro_usd"), text("cache_status", "bypass"), number("saved_tokens"),
+                   number("saved_micro_usd"), time=time,
                    outcome=text("outcome", "complete"))

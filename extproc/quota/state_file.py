@@ -58,11 +58,13 @@ create table if not exists ledger (
   seq integer primary key autoincrement, request_id text not null unique, time real not null,
   principal text not null, team text not null, alias text not null, provider text not null, model text not null,
   input_tokens integer not null, output_tokens integer not null, cached_tokens integer not null,
-  micro_usd integer not null, cache_status text not null, outcome text not null);
+  micro_usd integer not null, cache_status text not null, saved_tokens integer not null,
+  saved_micro_usd integer not null, outcome text not null);
 create index if not exists ledger_time on ledger (time);
 """
 LEDGER_COLUMNS = ("request_id", "time", "principal", "team", "alias", "provider", "model", "input_tokens",
-                  "output_tokens", "cached_tokens", "micro_usd", "cache_status", "outcome")
+                  "output_tokens", "cached_tokens", "micro_usd", "cache_status", "saved_tokens", "saved_micro_usd",
+                  "outcome")
 _INSERT = (f"insert into ledger ({', '.join(LEDGER_COLUMNS)}) values ({', '.join('?' * len(LEDGER_COLUMNS))})")
 _INSERT_NEW = _INSERT.replace("insert", "insert or ignore", 1)
 _UPSERT = _INSERT + " on conflict(request_id) do update set " + ", ".join(

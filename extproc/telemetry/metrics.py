@@ -94,7 +94,7 @@ class Metrics:
             "configured policy (fail_closed refuses the request, fail_open admits it against local limits).",
             ("operation", "policy"), registry=r)
         self.cache_lookups = Counter(
-            "tollgate_cache_lookups", "Semantic-cache lookups by result (hit, miss, bypass).",
+            "tollgate_cache_lookups", "Response-cache lookups by result (hit_exact, hit_semantic, miss, bypass).",
             ("alias", "result"), registry=r)
         self.upstream_errors = Counter(
             "tollgate_upstream_errors",
