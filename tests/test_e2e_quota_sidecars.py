@@ -47,6 +47,7 @@ SLICE = 16
 # this 2-core machine, 1-2 tokens per cut or abandoned stream were (see the README's quota section).
 TOKEN_GAP = 0.02
 PLAIN_BUDGET, CHAT_BUDGET = 0.08, 0.06  # USD per day
+ON_THE_WIRE = 2  # output tokens per cut stream the provider may bill beyond what passed the gateway (README)
 
 
 def alias_budget(name: str, usd: float) -> ScopeLimits:
@@ -187,13 +188,16 @@ def check(gws: list[Gateway], redis: RedisProcess, fake: FakeProvider, found: li
     ours = Counter((r.input_tokens, r.output_tokens) for r in found if r.outcome == "complete")
     theirs = Counter((u["prompt_tokens"], u["completion_tokens"]) for u in fake.usage_log if u["completed"])
     assert ours == theirs, f"charged, not billed: {ours - theirs}; billed, not charged: {theirs - ours}"
-    # streams that ended early: the output that passed exactly, the prompt by our count within the tolerance
+    # streams that ended early, counted by the gateway: the prompt within the README's tolerance, the output
+    # that passed it, which the provider may exceed by the chunks it had on the wire when the upstream closed
     cut = sorted((r.input_tokens, r.output_tokens) for r in found if r.outcome != "complete")
     billed_cut = sorted((u["prompt_tokens"], u["completion_tokens"]) for u in fake.usage_log if not u["completed"])
-    assert len(cut) == len(billed_cut) and sorted(o for _, o in cut) == sorted(o for _, o in billed_cut)
-    assert all(within(a, b) for (a, _), (b, _) in zip(sorted(cut), sorted(billed_cut), strict=True)), (cut, billed_cut)
+    assert len(cut) == len(billed_cut)
+    assert all(within(a, b) for (a, _), (b, _) in zip(cut, billed_cut, strict=True)), (cut, billed_cut)
+    on_the_wire = sum(o for _, o in billed_cut) - sum(o for _, o in cut)
+    assert 0 <= on_the_wire <= ON_THE_WIRE * len(cut), (cut, billed_cut)
     provider_billed = sum(cost(u["prompt_tokens"], u["completion_tokens"]) for u in fake.usage_log)
-    slack = sum(cost(4 + p // 100, 0) for p, _ in billed_cut)
+    slack = sum(cost(4 + p // 100, ON_THE_WIRE) for p, _ in billed_cut)
     assert abs(sum(r.micro_usd for r in found) - provider_billed) <= slack
     by_alias = {a: sum(r.micro_usd for r in found if r.alias == a) for a in ("plain", "chat")}
     plain_spent = spent(redis, alias_budget("plain", PLAIN_BUDGET))
