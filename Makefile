@@ -31,8 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.soak --minutes 1 --out tests/bench/soak.md
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
+	$(BIN)/python -m tests.bench.guardrails --out tests/bench/guardrails.md
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
+	$(BIN)/python -m tests.bench.inbound --out tests/bench/inbound.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

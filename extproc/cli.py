@@ -12,6 +12,7 @@ import tempfile
 from extproc.auth.commands import add_parsers, deny_command, dev_token_command
 from extproc.cache import commands as cache_commands
 from extproc.config import ConfigError, load_config
+from extproc.guardrails import score as guardrails_score
 from extproc.kube import commands as kube_commands
 from extproc.quota import commands as quota_commands
 
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     mesh.add_argument("--route", default="", help="envoy-gateway: the HTTPRoute the policy attaches to")
     add_parsers(sub)
     quota_commands.add_parsers(sub)
+    guardrails_score.add_parsers(sub)
     kube_commands.add_parsers(sub)
     cache_commands.add_parsers(sub)
     return p
@@ -53,8 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.command == "injector-certs":
-        return kube_commands.certs_command(args)
+    own = {  # commands that read no gateway config (the score command's --config is optional: that config's policy)
+        "guardrails": guardrails_score.score_command,
+        "injector-certs": kube_commands.certs_command,
+    }.get(args.command)
+    if own is not None:
+        return own(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # section types, for annotations only (see the module docstri
     from extproc.auth.settings import AuthSettings, Team
     from extproc.providers.settings import ModelAlias, Provider, Target
     from extproc.cache.settings import CacheSettings
+    from extproc.guardrails.settings import GuardrailSettings
     from extproc.quota.settings import QuotaSettings
 
 ENV_CONFIG = "TOLLGATE_CONFIG"
@@ -121,6 +122,7 @@ class GatewayConfig:
     redis: RedisSettings | None = None
     quota: QuotaSettings | None = None  # None: no token or money governance at all
     cache: CacheSettings | None = None  # None: no response cache (every answer says bypass)
+    guardrails: GuardrailSettings | None = None  # None: no request or answer is scanned
     source: str = "<embedded default>"
 
     def target(self, alias: str, index: int) -> tuple[ModelAlias, Target, Provider]:
@@ -174,7 +176,8 @@ def _index_lines(node: yaml.Node | None, path: str, out: dict[str, int]) -> None
             _index_lines(v, f"{path}[{i}]", out)
 
 
-ROOT_KEYS = {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota", "cache"}
+ROOT_KEYS = {"listen", "extproc", "metrics", "envoy", "limits", "providers", "models", "auth", "teams", "redis", "quota",
+             "cache", "guardrails"}
 
 
 def _assemble(r: Reader, data: Any) -> GatewayConfig:
@@ -182,6 +185,7 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
     from extproc.auth.settings import parse_auth, parse_teams
     from extproc.providers.settings import parse_models, parse_providers
     from extproc.cache.settings import parse_cache
+    from extproc.guardrails.settings import parse_guardrails
     from extproc.quota.settings import parse_quota
 
     top = r.mapping(data, "", ROOT_KEYS)
@@ -212,6 +216,8 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
         redis=redis,
         quota=quota,
         cache=cache,
+        guardrails=parse_guardrails(top.get("guardrails"), "guardrails", reader=r, teams=set(teams) or None,
+                                    aliases=set(models)) if top.get("guardrails") is not None else None,
         source=r.source,
     )
 

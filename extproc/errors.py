@@ -11,6 +11,7 @@ ImmediateResponse in one place; nothing else builds error bodies.
       NotFound            404
       MethodNotAllowed    405
       PayloadTooLarge     413
+      GuardrailViolation  400 (a guardrail rule blocked the request or answer)
       QuotaExceeded       429 (Retry-After; which limit refused)
       Internal            500
       UpstreamError       502
@@ -59,6 +60,23 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
         {"error": {"message": message, "type": type, "param": param, "code": code}},
         ensure_ascii=False,
     ).encode()
+
+
+# HTTP status -> Anthropic's error type (its Messages API names its errors by kind, not by code)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error_type(status: int) -> str:
+    return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    """The same error for a client of Anthropic's API (``POST /v1/messages``):
+    ``{"type": "error", "error": {"type", "message"}}``."""
+    return json.dumps({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}},
+                      ensure_ascii=False).encode()
 
 
 class BadRequest(GatewayError):
@@ -144,3 +162,14 @@ class Internal(GatewayError):
     status = 500
     type = "api_error"
     code = "internal_error"
+
+
+class GuardrailViolation(BadRequest):
+    """400: a guardrail rule blocks this request (or answer). Names the rule, never what matched."""
+
+    code = "guardrail_violation"
+
+    def __init__(self, rule: str, where: str, *, headers: dict[str, str] | None = None) -> None:
+        what = "request" if where == "request" else "answer"
+        super().__init__(f"the {what} was blocked by guardrail rule '{rule}'", param=None, headers=headers)
+        self.rule = rule

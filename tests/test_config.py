@@ -95,3 +95,23 @@ def test_tollgate_config_names_the_file(tmp_path):
     assert load_config(env={"TOLLGATE_CONFIG": str(f)}).source == str(f)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(env={"TOLLGATE_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+def test_fallback_on_defaults_to_what_the_gateway_always_did_and_names_outcomes():
+    assert parse(GOOD).models["gpt-4o"].fallback_on == {"5xx", "429", "timeout", "connect_failure"}
+    older = parse(GOOD + "    retry_on_429: false\n").models["gpt-4o"]
+    assert older.fallback_on == {"5xx", "timeout", "connect_failure"}
+    chosen = parse(GOOD + "    fallback_on: [5xx, 401, 403, invalid_answer]\n").models["gpt-4o"]
+    assert chosen.fallback_on == {"5xx", "401", "403", "invalid_answer"}
+    assert parse(GOOD).providers["openai"].key_quarantine == 600
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("    fallback_on: [5xx, 418]\n", "models.gpt-4o.fallback_on[1]: unknown outcome '418'"),
+    ("    fallback_on: 5xx\n", "models.gpt-4o.fallback_on: expected a list"),
+    ("    fallback_on: [5xx]\n    retry_on_429: true\n", "models.gpt-4o.retry_on_429: give fallback_on or retry_on_429"),
+])
+def test_a_bad_fallback_policy_is_refused_naming_the_key_and_line(extra, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(GOOD + extra)
+    assert message in str(caught.value) and "(line " in str(caught.value)

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -319,3 +320,20 @@ def test_the_embedded_default_caches_the_demo_model(gateway):
 def ask_model(c: openai.OpenAI, model: str, text: str) -> tuple[str, dict[str, str]]:
     raw = c.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}])
     return raw.parse().choices[0].message.content or "", dict(raw.headers)
+
+
+def test_an_anthropic_client_shares_the_cache_each_client_reading_its_own_shape(world):
+    # entries are stored in OpenAI's shape (what the stages read) and written in the client's on the way out
+    claude = anthropic.Anthropic(base_url=world.gws[0].base_url.removesuffix("/v1"), api_key=world.tokens["ml"],
+                                 max_retries=0, timeout=30)
+    q, seen, before = unique("What is the capital of Norway?"), len(world.fake.requests), inserts(world)
+    ask_claude = [{"role": "user", "content": q}]
+    first = claude.messages.with_raw_response.create(model="chat", max_tokens=100, messages=ask_claude)
+    assert first.headers["x-tollgate-cache"] == "miss"
+    stored(world, before + 1)
+    second = claude.messages.with_raw_response.create(model="chat", max_tokens=100, messages=ask_claude)
+    assert second.headers["x-tollgate-cache"].startswith("hit")
+    assert second.parse().type == "message" and second.parse().content[0].text == first.parse().content[0].text
+    text, headers = ask(world.client(), q, max_tokens=100)
+    assert headers["x-tollgate-cache"].startswith("hit") and text == first.parse().content[0].text
+    assert len(world.fake.requests) == seen + 1

@@ -91,10 +91,10 @@ def test_a_fallback_increments_the_fallback_and_upstream_error_metrics(gw, fake_
     fake_openai.behaviours.append(Behaviour(status=503))
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     s = settled(gw, "tollgate_fallback_attempts_total", 1)
-    # The primary's 503 goes straight to Envoy's retry: the gateway sees that a fallback happened and from
-    # which provider, not why, and counts as upstream errors only the answers that reach it.
+    # The outcome stage reads the primary's 503 before Envoy retries: the fallback is counted with why; as
+    # upstream errors the gateway counts only the answers that reach the client.
     assert value(s, "tollgate_fallback_attempts_total", alias="gpt-4o", from_provider="openai",
-                 reason="unobserved") == 1
+                 reason="5xx") == 1
     assert value(s, "tollgate_upstream_errors_total", provider="openai", kind="5xx") == 0
     assert value(s, "tollgate_requests_total", provider="anthropic", outcome="success") == 1
     # why, Envoy counted: read from its cluster stats when Prometheus scrapes

@@ -53,10 +53,11 @@ def test_the_rendered_config_fails_closed_and_lets_long_streams_finish():
     gateway_filter = hcm["http_filters"][0]["typed_config"]
     upstream_filters = hcm["http_filters"][1]["typed_config"]["upstream_http_filters"]
     assert [f["name"] for f in upstream_filters] == [
-        "tollgate.chosen_target", "tollgate.attempt_unless_prepared", "tollgate.internal_headers_removed",
-        "envoy.filters.http.upstream_codec"]
-    attempt_filter = upstream_filters[1]["typed_config"]["extension_config"]["typed_config"]
-    for f in (gateway_filter, attempt_filter):
+        "tollgate.outcome_unless_succeeded", "tollgate.chosen_target", "tollgate.attempt_unless_prepared",
+        "tollgate.internal_headers_removed", "envoy.filters.http.upstream_codec"]
+    outcome_filter = upstream_filters[0]["typed_config"]["extension_config"]["typed_config"]
+    attempt_filter = upstream_filters[2]["typed_config"]["extension_config"]["typed_config"]
+    for f in (gateway_filter, attempt_filter, outcome_filter):
         assert f["failure_mode_allow"] is False
         assert f["message_timeout"] == "1.000s"
     assert listener["per_connection_buffer_limit_bytes"] == 4194304
@@ -64,12 +65,15 @@ def test_the_rendered_config_fails_closed_and_lets_long_streams_finish():
     gpt = next(r for r in routes if r["name"] == "alias:gpt-4o")
     assert gpt["route"]["timeout"] == "0s"  # no 15 s default cut-off for long generations
     policy = gpt["route"]["retry_policy"]
-    assert policy["num_retries"] == 2
+    # three targets, and a second try on OpenAI with its second key (a key slot)
+    assert policy["num_retries"] == 3
     assert policy["per_try_idle_timeout"] == "20.000s"
-    assert policy["retriable_status_codes"] == [429]
+    # statuses are decided per attempt (the outcome stage marks what to retry); Envoy's own: no answer at all
+    assert policy["retry_on"] == "retriable-headers,connect-failure,refused-stream,reset"
+    assert policy["retriable_headers"] == [{"name": "x-tollgate-retry", "present_match": True}]
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
     assert clusters["alias:gpt-4o"]["cluster_type"]["typed_config"]["clusters"] == [
-        "target:gpt-4o#0", "target:gpt-4o#1", "target:gpt-4o#2"]
+        "target:gpt-4o#0", "target:gpt-4o#0~1", "target:gpt-4o#1", "target:gpt-4o#2"]
     tls = clusters["target:gpt-4o#1"]["transport_socket"]["typed_config"]
     assert tls["sni"] == "contoso-eastus.openai.azure.com"
     assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"].endswith(".crt")

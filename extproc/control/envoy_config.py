@@ -5,9 +5,14 @@ Shape of what comes out:
 * one listener (HTTP/1.1 and HTTP/2 from clients) whose filter chain is the
   ``gateway`` ext_proc filter, then the router;
 * one route per model alias, chosen by the ``x-tollgate-route`` header the
-  gateway filter sets, with a retry policy that moves to the next target;
+  gateway filter sets, with a retry policy that moves to the next target on
+  the outcomes the alias's ``fallback_on`` names;
 * per alias an aggregate cluster listing one cluster per target in fallback
-  order (``previous_priorities`` makes every retry take the next one);
+  order (``previous_priorities`` makes every retry take the next one), and
+  after a target whose provider holds several keys, one more per other key
+  (key slots: the same target, tried with another key after a 401/403);
+* the ``outcome`` ext_proc filter as an upstream filter, skipped by a matcher
+  unless an attempt failed, which decides whether a failed status moves on;
 * the ``attempt`` ext_proc filter as an upstream filter of the router, skipped
   for a primary target the ``gateway`` filter has prepared, so each fallback
   attempt is translated and authenticated for its own backend;
@@ -33,8 +38,11 @@ from extproc.pipeline.server import FILTER_METADATA_KEY
 from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
+    REQUEST_ID_HEADER,
+    RETRY_HEADER,
     ROUTE_HEADER,
     TARGET_HEADER,
+    key_slots,
     target_tag,
 )
 
@@ -66,10 +74,12 @@ def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str
     clusters = [_extproc_cluster(cfg.extproc)]
     routes = []
     for alias in cfg.models.values():
-        for i, t in enumerate(alias.targets):
-            clusters.append(_target_cluster(alias, i, cfg.providers[t.provider], demo_socket, ca_bundle))
-        clusters.append(_aggregate_cluster(alias))
-        routes.append(_route(alias))
+        slots = _slots(cfg, alias)
+        for i, k in slots:
+            clusters.append(_target_cluster(alias, i, cfg.providers[alias.targets[i].provider], demo_socket,
+                                            ca_bundle, k))
+        clusters.append(_aggregate_cluster(alias, slots))
+        routes.append(_route(alias, len(slots)))
     routes.append(
         {
             "name": "no_route",
@@ -115,6 +125,16 @@ def _socket(a: Address) -> dict[str, Any]:
     if a.unix_socket:
         return {"pipe": {"path": a.unix_socket}}
     return {"socket_address": {"address": a.host, "port_value": a.port}}
+
+
+def _slots(cfg: GatewayConfig, alias: ModelAlias) -> list[tuple[int, int]]:
+    """(target index, key slot) in the order Envoy tries them: each target, then its key slots."""
+    out: list[tuple[int, int]] = []
+    for i, t in enumerate(alias.targets):
+        p = cfg.providers[t.provider]
+        pool = len(p.api_keys) if p.azure_ad is None and p.type != "demo" else 0
+        out.extend((i, k) for k in range(key_slots(pool)))
+    return out
 
 
 def _grpc_service(filter_role: str, cfg: GatewayConfig) -> dict[str, Any]:
@@ -261,8 +281,8 @@ def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
     it was not prepared for. Both internal headers are removed before the request leaves.
     """
     header_mutation = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
-    def named(header: str) -> dict[str, Any]:
-        return {"append": {"header": {"key": header, "value": "%UPSTREAM_METADATA(tollgate:target)%"},
+    def named(header: str, value: str = "%UPSTREAM_METADATA(tollgate:target)%") -> dict[str, Any]:
+        return {"append": {"header": {"key": header, "value": value},
                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
 
     # On the way back the same filter names the target on its answer, for the gateway stage to read. Being
@@ -272,7 +292,8 @@ def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
         "name": "tollgate.chosen_target",
         "typed_config": {
             "@type": header_mutation,
-            "mutations": {"request_mutations": [named(CHOSEN_HEADER)], "response_mutations": [named(TARGET_HEADER)]},
+            "mutations": {"request_mutations": [named(CHOSEN_HEADER)],
+                          "response_mutations": [named(TARGET_HEADER), named(REQUEST_ID_HEADER, "%REQ(x-request-id)%")]},
         },
     }
     attempt = ext_proc_filter("tollgate.attempt", "attempt", cfg)
@@ -305,15 +326,69 @@ def _attempt_filters(cfg: GatewayConfig) -> list[dict[str, Any]]:
         "name": "envoy.filters.http.upstream_codec",
         "typed_config": {"@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
     }
-    return [choose, skip_for_prepared_primary, unchoose, codec]
+    return [_outcome_filter(cfg), choose, skip_for_prepared_primary, unchoose, codec]
 
 
-def _route(alias: ModelAlias) -> dict[str, Any]:
+def _outcome_filter(cfg: GatewayConfig) -> dict[str, Any]:
+    """The ``outcome`` ext_proc filter: each failed attempt's response headers, before Envoy decides to retry.
+
+    First in the upstream chain, so on the way back it runs last and sees the target's name (and the
+    request id) that ``tollgate.chosen_target`` adds. A matcher skips it for an answer that plainly
+    succeeded (2xx or 3xx, JSON or an event stream), so only failures cost a gRPC stream; it sends no
+    request phase at all.
+    """
+    observe = ext_proc_filter("tollgate.outcome", "outcome", cfg)
+    observe["typed_config"]["processing_mode"].update({"request_header_mode": "SKIP", "request_body_mode": "NONE",
+                                                      "response_header_mode": "SEND"})
+    observe["typed_config"]["allow_mode_override"] = False
+
+    def response_header(name: str, regex: str) -> dict[str, Any]:
+        return {"single_predicate": {
+            "input": {"name": name, "typed_config": {
+                "@type": _T + "envoy.type.matcher.v3.HttpResponseHeaderMatchInput", "header_name": name}},
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": regex}}}}
+
+    succeeded = {"and_matcher": {"predicate": [
+        response_header(":status", "[23][0-9][0-9]"),
+        response_header("content-type", "(?i)(application/json|text/event-stream).*"),
+    ]}}
+    return {
+        "name": "tollgate.outcome_unless_succeeded",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": observe,
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": succeeded,
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": _T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            }]}},
+        },
+    }
+
+
+def retry_on(alias: ModelAlias) -> str:
+    """Envoy's ``retry_on`` for an alias's ``fallback_on``.
+
+    Statuses (5xx, 429, 401, 403, invalid answers) are decided per attempt by the ``outcome`` stage, which
+    marks an answer to retry with a header (``retriable-headers``); key slots need that too. Failures
+    without an answer are Envoy's: ``connect_failure`` is a refused or failed connection, ``timeout`` the
+    per-try and first-byte timeouts, which Envoy retries as ``reset`` (so ``timeout`` also retries a
+    connection reset mid-answer, and a refused connection).
+    """
+    kinds = ["retriable-headers"]
+    if "connect_failure" in alias.fallback_on:
+        kinds += ["connect-failure", "refused-stream"]
+    if "timeout" in alias.fallback_on:
+        kinds.append("reset")
+    return ",".join(kinds)
+
+
+def _route(alias: ModelAlias, slots: int) -> dict[str, Any]:
     action: dict[str, Any] = {"cluster": _aggregate_name(alias), "timeout": "0s"}
-    retry_on = "5xx,reset,connect-failure,refused-stream"
     policy: dict[str, Any] = {
-        "retry_on": retry_on + (",retriable-status-codes" if alias.retry_on_429 else ""),
-        "num_retries": max(len(alias.targets) - 1, 0),
+        "retry_on": retry_on(alias),
+        "retriable_headers": [{"name": RETRY_HEADER, "present_match": True}],
+        "num_retries": max(slots - 1, 0),
         "per_try_timeout": _ms(alias.per_try_timeout),
         "per_try_idle_timeout": _ms(alias.first_byte_timeout),
         "retry_back_off": {"base_interval": "0.010s", "max_interval": "0.050s"},
@@ -326,8 +401,6 @@ def _route(alias: ModelAlias) -> dict[str, Any]:
         },
         "host_selection_retry_max_attempts": 3,
     }
-    if alias.retry_on_429:
-        policy["retriable_status_codes"] = [429]
     action["retry_policy"] = policy
     return {
         "name": f"alias:{alias.name}",
@@ -341,11 +414,11 @@ def _aggregate_name(alias: ModelAlias) -> str:
     return f"alias:{alias.name}"
 
 
-def _target_name(alias: ModelAlias, index: int) -> str:
-    return f"target:{alias.name}#{index}"
+def _target_name(alias: ModelAlias, index: int, key_slot: int = 0) -> str:
+    return f"target:{target_tag(alias.name, index, key_slot)}"
 
 
-def _aggregate_cluster(alias: ModelAlias) -> dict[str, Any]:
+def _aggregate_cluster(alias: ModelAlias, slots: list[tuple[int, int]]) -> dict[str, Any]:
     return {
         "name": _aggregate_name(alias),
         "connect_timeout": "5s",
@@ -355,7 +428,7 @@ def _aggregate_cluster(alias: ModelAlias) -> dict[str, Any]:
             "name": "envoy.clusters.aggregate",
             "typed_config": {
                 "@type": _T + "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
-                "clusters": [_target_name(alias, i) for i in range(len(alias.targets))],
+                "clusters": [_target_name(alias, i, k) for i, k in slots],
             },
         },
     }
@@ -375,9 +448,9 @@ def _is_ip(host: str) -> bool:
 
 
 def _target_cluster(
-    alias: ModelAlias, index: int, p: Provider, demo_socket: str | None, ca_bundle: str
+    alias: ModelAlias, index: int, p: Provider, demo_socket: str | None, ca_bundle: str, key_slot: int = 0
 ) -> dict[str, Any]:
-    name = _target_name(alias, index)
+    name = _target_name(alias, index, key_slot)
     if p.type == "demo":
         if not demo_socket:
             raise ValueError("the demo provider needs its socket path")
@@ -387,7 +460,7 @@ def _target_cluster(
         address = {"socket_address": {"address": p.host, "port_value": p.port}}
         kind = "STATIC" if _is_ip(p.host) else "STRICT_DNS"
     endpoint = {
-        "metadata": {"filter_metadata": {"tollgate": {"target": target_tag(alias.name, index)}}},
+        "metadata": {"filter_metadata": {"tollgate": {"target": target_tag(alias.name, index, key_slot)}}},
         "endpoint": {"address": address, "hostname": p.host},
     }
     cluster: dict[str, Any] = {

@@ -14,6 +14,12 @@ Envoy keeps the request as the router-level stage left it (the primary's path,
 body and credential) for every retry; this stage replaces all of it, and when
 its target takes the client's body unchanged but the primary's did not, it
 sends the client's original bytes.
+
+A key slot (``ALIAS#INDEX~K``, the same target once more) goes out with a
+key of that provider this request has not tried yet. Envoy cannot be told to
+pass over a slot (a reply from an upstream filter ends the whole request, it
+is not retried), so a key slot is used whatever failed before it: a target on
+a provider with a pool gets one more try per other key before the next one.
 """
 
 from __future__ import annotations
@@ -24,13 +30,22 @@ from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
 from extproc.errors import Internal
 from extproc.pipeline.exchange import Exchange
+from extproc.pipeline.outcome import classify
 from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
     PREPARED_HEADER,
     ROUTE_HEADER,
-    parse_target_tag,
+    parse_slot,
     prepare,
 )
+
+
+def fallback_reason(ex: Exchange) -> str:
+    """Why the latest attempt failed, for the fallback metric: its outcome, or ``no_response``."""
+    status = ex.outcomes[-1][1] if ex.outcomes else None
+    if status is None:
+        return "no_response"  # refused, timed out or reset: only Envoy saw it
+    return classify(status, "application/json") or ("invalid_answer" if status < 300 else str(status))
 
 
 class AttemptExchange:
@@ -48,13 +63,15 @@ class AttemptExchange:
     def on_request_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         headers = messages.headers_of(req.request_headers)
         ex = self.gw.exchanges.get(headers.get("x-request-id", ""))
-        tag = parse_target_tag(headers.get(CHOSEN_HEADER, ""))
+        tag = parse_slot(headers.get(CHOSEN_HEADER, ""))
         if ex is None or tag is None or tag[0] != ex.alias:
             raise Internal("the gateway lost track of this request; it was not sent upstream")
         self.exchange = ex
         ex.holders += 1
-        if ex.attempts:  # a retry: the previous target failed, in a way only Envoy saw
-            self.gw.metrics.fallback(ex.alias, ex.provider)
+        if tag[2]:  # a key slot: another key of the same target's provider
+            ex.retry = "key"
+        if ex.attempts:  # a retry: the previous attempt failed (outcome.py saw how, if it got an answer)
+            self.gw.metrics.fallback(ex.alias, ex.provider, fallback_reason(ex))
             if ex.upstream_sent_at is not None:
                 ex.failed_attempt_seconds += time.monotonic() - ex.upstream_sent_at
         ex.attempts += 1

@@ -4,8 +4,9 @@ A **processor** handles one Envoy ext_proc stream (one HTTP request as one
 filter sees it). It has a method per phase Envoy sends us and a ``close``;
 ``server.py`` calls them by an explicit table (``dispatch``), so a new phase
 or a misspelt handler is a type error, not a silently skipped message. The
-router-level processor (``router.RouterExchange``) and the fallback-attempt
-processor (``attempt.AttemptExchange``) are the two implementations.
+router-level processor (``router.RouterExchange``), the fallback-attempt
+processor (``attempt.AttemptExchange``) and the failed-attempt processor
+(``outcome.OutcomeExchange``) are the implementations.
 
 A **stage** is one step the router-level processor runs on a parsed, valid
 request, in the order ``router.build_stages`` lists them (guard → cache →

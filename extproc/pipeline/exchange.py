@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from extproc.providers.base import Translator, Usage
 
 if TYPE_CHECKING:
+    from extproc.guardrails.stage import GuardState
     from extproc.quota.governor import Admission
 
 
 @dataclass(slots=True)
 class Exchange:
     request_id: str
-    endpoint: str  # "chat" | "embeddings"
+    endpoint: str  # "chat" | "embeddings": what the pipeline and the backends serve
     alias: str
     body: dict
     stream: bool = False
@@ -58,6 +59,17 @@ class Exchange:
     last_attempt_status: int | None = None  # None: the latest attempt got no response headers
     failed_attempt_seconds: float = 0.0  # time spent on attempts that were not the answer
     response_seconds: float = 0.0  # Python time spent on response messages
+    guardrails: GuardState | None = None  # what the guardrails decided, when they are on
+    inbound: str = "openai"  # the client's schema: "openai", or "anthropic" for POST /v1/messages
+    target_index: int = 0  # the alias target of the latest attempt
+    key_slot: int | None = None  # which key of its provider's pool the latest attempt carries
+    tried_keys: set[tuple[str, int]] = field(default_factory=set)  # (provider, key) pairs this request used
+    outcomes: list[list] = field(default_factory=list)  # per attempt: [provider, HTTP status or None (no answer)]
+    retry: str | None = None  # what the latest failed attempt asked of the next one: "key" | "fallback"
+
+    def outcome_text(self) -> str:
+        """Each attempt's outcome, in order: ``openai=401,openai=200``; ``none`` where no answer came."""
+        return ",".join(f"{p}={s if s is not None else 'none'}" for p, s in self.outcomes)
 
     def tpot(self) -> float | None:
         """Seconds per output token after the first; streams only."""

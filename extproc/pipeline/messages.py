@@ -12,7 +12,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.errors import GatewayError
+from extproc.errors import GatewayError, anthropic_error_body
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
@@ -125,8 +125,11 @@ def immediate(
     return resp
 
 
-def error_response(err: GatewayError, extra_headers: Mapping[str, str] | None = None) -> pb.ProcessingResponse:
-    resp = immediate(err.status, err.body(), {**err.headers, **(extra_headers or {})})
+def error_response(err: GatewayError, extra_headers: Mapping[str, str] | None = None,
+                   anthropic: bool = False) -> pb.ProcessingResponse:
+    """``err`` as an ImmediateResponse, in OpenAI's error shape (or Anthropic's, for its Messages API)."""
+    body = anthropic_error_body(err.status, err.message) if anthropic else err.body()
+    resp = immediate(err.status, body, {**err.headers, **(extra_headers or {})})
     # Marks the reply as ours, so Envoy's local-reply mappers (meant for Envoy's own errors) leave its body alone.
     resp.dynamic_metadata.fields[OWN_REPLY_NAMESPACE].struct_value.fields[OWN_REPLY_KEY].bool_value = True
     return resp

@@ -13,7 +13,7 @@ The steps, in order (each a named method or stage; see ``base.py``)::
     request body      validate        (JSON, alias, the team may use it, parameters)
                       -- the Exchange is opened here --
                       STAGES, as build_stages lists them:
-                        guard         (input guardrails; to come)
+                        guard         (input guardrails; guardrails/stage.py)
                         cache         (response-cache lookup: a hit is answered here; cache/stage.py)
                         admit         (quota hold; admission.py)
                         route         (prepare the primary target, set the route)
@@ -38,6 +38,11 @@ token whose issuer keys must be fetched makes the headers stage a coroutine.
 Likewise the body's stages run as plain calls until one of them has to wait.
 The client's credentials are removed here already, and again by every
 preparation of a target.
+
+``POST /v1/messages`` (Anthropic's Messages API) takes the same path: its
+body is turned into the OpenAI request every stage reads before validation
+(``providers/inbound_anthropic.py``), the caller's ``x-api-key`` is read as
+its bearer token, and every error, and the answer, leave in Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from urllib.parse import unquote
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
@@ -52,6 +58,7 @@ from extproc.auth.identity import Identity
 from extproc.cache.stage import cache_stage
 from extproc.credentials.vault import INBOUND_CREDENTIAL_HEADERS
 from extproc.errors import BadRequest, Internal, MethodNotAllowed, NotFound, UpstreamError
+from extproc.guardrails.stage import guard_stage
 from extproc.pipeline import messages
 from extproc.pipeline.admission import admit_stage
 from extproc.pipeline.answer import Answer, Reply
@@ -60,6 +67,7 @@ from extproc.pipeline.exchange import Exchange
 from extproc.pipeline.runtime import Runtime
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 from extproc.pipeline.validation import check_chat, check_embeddings, parse_json, resolve_alias
+from extproc.providers.inbound_anthropic import models_list, reshape_answer, to_openai
 
 INTERNAL_PREFIX = "x-tollgate-"
 
@@ -67,6 +75,7 @@ ENDPOINTS = {
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embeddings",
     "/v1/models": "models",
+    "/v1/messages": "messages",  # Anthropic's Messages API, served as chat
 }
 
 
@@ -78,6 +87,7 @@ def build_stages(rt: Runtime) -> tuple[Stage, ...]:
     never charged, and the cache never sees a prompt the guard refused.
     """
     stages = (
+        guard_stage(rt),
         cache_stage(rt),
         admit_stage(rt),
         Route(rt),
@@ -143,11 +153,22 @@ class Route:
                              remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
 
 
+def _for_anthropic(resp: messages.ProcessingResponse, alias: str) -> messages.ProcessingResponse:
+    """A stage's own answer (a cache hit), written in OpenAI's shape, for a client of Anthropic's API."""
+    if resp.WhichOneof("response") != "immediate_response":
+        return resp
+    ir = resp.immediate_response
+    content_type = next((h.header.raw_value.decode() for h in ir.headers.set_headers if h.header.key == "content-type"),
+                        "application/json")
+    ir.body = reshape_answer(ir.status.code, ir.body, content_type, alias)
+    return resp
+
+
 class RouterExchange:
     """The processor of one router-level stream (``base.Processor``)."""
 
     __slots__ = ("gw", "stages", "endpoint", "request_id", "exchange", "started", "identity", "answer",
-                 "cache_control")
+                 "cache_control", "inbound")
 
     def __init__(self, gw: Runtime, stages: tuple[Stage, ...] | None = None) -> None:
         self.gw = gw
@@ -159,6 +180,7 @@ class RouterExchange:
         self.identity: Identity | None = None
         self.answer = Answer(gw)
         self.cache_control = ""  # the client's Cache-Control (no-cache, no-store), for the cache stage
+        self.inbound = "openai"  # the client's schema; errors are written in it
 
     def on_request_headers(
         self, req: messages.ProcessingRequest
@@ -166,6 +188,11 @@ class RouterExchange:
         headers = messages.headers_of(req.request_headers)
         self.request_id = headers.get("x-request-id", "")
         eos = req.request_headers.end_of_stream
+        path = headers.get(":path", "").split("?", 1)[0].rstrip("/")
+        if path == "/v1/messages" or (path.startswith("/v1/models") and "anthropic-version" in headers):
+            self.inbound = "anthropic"  # the model list is shared; its errors follow the SDK that asked
+            if "authorization" not in headers and headers.get("x-api-key"):  # Anthropic's own credential header
+                headers = {**headers, "authorization": "Bearer " + headers["x-api-key"]}
         auth = self.gw.auth
         if auth is not None:
             who = auth.authenticate(headers, self.request_id)
@@ -184,6 +211,8 @@ class RouterExchange:
         path = headers.get(":path", "/").split("?", 1)[0].rstrip("/") or "/"
         method = headers.get(":method", "GET")
         endpoint = ENDPOINTS.get(path)
+        if endpoint is None and path.startswith("/v1/models/"):
+            return self._one_model(path.removeprefix("/v1/models/"), method)
         if endpoint is None:
             raise NotFound(f"unknown path {path[:200]!r}; this gateway serves {', '.join(ENDPOINTS)}", code="unknown_url")
         if endpoint == "models":
@@ -203,13 +232,30 @@ class RouterExchange:
         return messages.cont("request_headers", remove_headers=drop, response_body_mode=messages.BUFFERED)
 
     def on_request_body(self, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
-        return run_stages(self.stages, self._validate(req.request_body.body))
+        ex = self._validate(req.request_body.body)
+        reply = run_stages(self.stages, ex)
+        if ex.inbound != "anthropic":
+            return reply
+        if isinstance(reply, messages.ProcessingResponse):
+            return _for_anthropic(reply, ex.alias)
+        if isinstance(reply, tuple):
+            return reply
+        return self._for_anthropic_later(reply, ex.alias)
+
+    @staticmethod
+    async def _for_anthropic_later(pending: Coroutine[Any, Any, Reply], alias: str) -> Reply:
+        reply = await pending
+        return _for_anthropic(reply, alias) if isinstance(reply, messages.ProcessingResponse) else reply
 
     def _validate(self, raw: bytes) -> Exchange:
         """Check the request and open its exchange: nothing is held and nothing counted before this passed."""
         gw = self.gw
         body = parse_json(raw, gw.config.limits.max_request_bytes)
         endpoint = self.endpoint or "chat"
+        if endpoint == "messages":  # in the OpenAI shape from here on; answered in Anthropic's
+            body = to_openai(body)
+            endpoint = "chat"
+            raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         alias = resolve_alias(body, gw.config, endpoint)
         ident = self.identity
         if ident is not None and gw.auth is not None:
@@ -222,7 +268,7 @@ class RouterExchange:
         if not rid or rid in gw.exchanges:
             raise BadRequest("a request with this x-request-id is already in flight", code="duplicate_request_id")
         self.exchange = ex = Exchange(rid, endpoint, alias, body, stream=bool(body.get("stream")),
-                                      started_at=self.started, raw_body=raw)
+                                      started_at=self.started, raw_body=raw, inbound=self.inbound)
         if ident is not None:
             ex.principal, ex.team, ex.tier = ident.principal, ident.team, ident.tier
         ex.cache_control = self.cache_control
@@ -239,14 +285,28 @@ class RouterExchange:
             return messages.cont("response_body")
         return self.answer.on_body(self.exchange, req)
 
-    def models_body(self) -> bytes:
-        created = 1_700_000_000
+    def _visible(self) -> list[dict]:
         models = self.gw.config.models
         names = list(models)
         if self.identity is not None and self.gw.auth is not None:
             names = self.gw.auth.visible(self.identity, names)
-        data = [{"id": name, "object": "model", "created": created, "owned_by": models[name].owned_by} for name in names]
-        return json.dumps({"object": "list", "data": data}).encode()
+        return models_list([{"id": name, "object": "model", "created": 1_700_000_000,
+                             "owned_by": models[name].owned_by} for name in names])["data"]
+
+    def models_body(self) -> bytes:
+        return json.dumps(models_list(self._visible())).encode()
+
+    def _one_model(self, name: str, method: str) -> messages.ProcessingResponse:
+        """``GET /v1/models/{id}``: one alias, in the shape both SDKs read (``models.retrieve``)."""
+        if method != "GET":
+            raise MethodNotAllowed("/v1/models/{id} takes GET")
+        if self.identity is not None and self.gw.auth is not None:
+            self.gw.auth.authorize(self.identity, None, self.request_id)
+        name = unquote(name)
+        found = next((m for m in self._visible() if m["id"] == name), None)
+        if found is None:
+            raise NotFound(f"the model {name[:200]!r} does not exist on this gateway", param="model")
+        return messages.immediate(200, json.dumps(found).encode(), {"x-request-id": self.request_id})
 
     def close(self) -> None:
         ex = self.exchange

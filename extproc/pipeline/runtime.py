@@ -15,6 +15,7 @@ from extproc.telemetry.access_log import access_record
 from extproc.auth.authenticator import Authenticator
 from extproc.auth.build import build_authenticator, wait_budget
 from extproc.config import GatewayConfig, environment
+from extproc.guardrails.stage import Guardrails
 from extproc.credentials.secrets import redis_password
 from extproc.credentials.vault import CredentialVault
 from extproc.pipeline.exchange import Exchange, Exchanges
@@ -41,6 +42,7 @@ class Runtime:
     governor: Governor | None = None  # None without a quota section: nothing is counted or limited
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))  # what answers cost
     cache: CacheStage | None = None  # None without a cache section: every answer says bypass
+    guardrails: Guardrails | None = None  # None without a guardrails section: nothing is scanned
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def release(self, ex: Exchange) -> None:
@@ -113,13 +115,15 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
     metrics = Metrics(config, teams={*config.teams, *quota_teams})
     rt = Runtime(
         config=config,
-        vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config)),
+        vault=CredentialVault(config.providers, env, wait_budget=wait_budget(config),
+                              on_quarantine=metrics.key_quarantined),
         exchanges=Exchanges(),
         access_log=logging.getLogger("tollgate.access"),
         metrics=metrics,
         auth=build_authenticator(config, password),
         governor=build_governor(config, password, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
+        guardrails=Guardrails(config.guardrails, metrics.registry) if config.guardrails else None,
     )
     rt.cache = build_cache(config.cache, registry=metrics.registry, metrics_on=metrics.enabled, spawn=rt.spawn,
                            ledger=rt.governor.ledger if rt.governor else None, cost_of=rt.cost_micros,

@@ -6,8 +6,11 @@ early, that answer followed by an ImmediateResponse: ``messages.cut_stream``). A
 ImmediateResponse here and nowhere else; any other exception is logged and
 answered with a 500 in the same shape, so one broken exchange never touches
 another. Which filter a stream comes from is told by the gRPC metadata Envoy
-sends (``x-tollgate-filter: gateway | attempt``): every routed request has a
-``gateway`` stream; only a fallback attempt opens an ``attempt`` stream.
+sends (``x-tollgate-filter: gateway | attempt | outcome``): every routed
+request has a ``gateway`` stream; only a fallback attempt opens an ``attempt``
+stream, and only an attempt that failed an ``outcome`` stream. Errors take
+the shape of the API the client speaks (OpenAI's, or Anthropic's on
+``/v1/messages``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from extproc.errors import GatewayError, Internal
 from extproc.pipeline import messages
 from extproc.pipeline.attempt import AttemptExchange
 from extproc.pipeline.base import Processor, dispatch
+from extproc.pipeline.outcome import OutcomeExchange
 from extproc.pipeline.router import RouterExchange, build_stages
 from extproc.pipeline.runtime import Runtime
 
@@ -44,6 +48,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         """A new processor for one stream of the filter named ``role``."""
         if role == "attempt":
             return AttemptExchange(self.gw)
+        if role == "outcome":
+            return OutcomeExchange(self.gw)
         return RouterExchange(self.gw, self.stages)
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -69,12 +75,12 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         yield resp
                 except GatewayError as refusal:
                     self._note_error(ex, refusal)
-                    yield messages.error_response(refusal, _request_id(ex))
+                    yield messages.error_response(refusal, _request_id(ex), _anthropic(ex))
                 except Exception:
                     log.exception("exchange failed in %s (request %s)", phase, ex.request_id or "?")
                     failure = Internal("the gateway failed to process this request")
                     self._note_error(ex, failure)
-                    yield messages.error_response(failure, _request_id(ex))
+                    yield messages.error_response(failure, _request_id(ex), _anthropic(ex))
         finally:
             self.active -= 1
             ex.close()
@@ -86,6 +92,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.status, exchange.error = err.status, err.code or err.type
         elif isinstance(ex, RouterExchange):
             self.gw.metrics.refused(err.status, err.code or err.type)
+
+
+def _anthropic(ex: Processor) -> bool:
+    """Whether the client speaks Anthropic's API: its errors then take that shape."""
+    if isinstance(ex, RouterExchange):
+        return ex.inbound == "anthropic"
+    return ex.exchange is not None and ex.exchange.inbound == "anthropic"
 
 
 def _request_id(ex: Processor) -> dict[str, str]:

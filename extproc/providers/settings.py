@@ -20,7 +20,10 @@ PROVIDER_TYPES = ("openai", "azure_openai", "anthropic", "demo")
 DEMO_BASE_URL = "http://tollgate-demo/v1"  # served in-process; Envoy reaches it over a unix socket
 _DEFAULT_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com", "demo": DEMO_BASE_URL}
 _PROVIDER_KEYS = {"type", "base_url", "api_key", "api_keys", "api_version", "anthropic_version", "default_max_tokens",
-                  "organization", "project", "connect_timeout", "when_env", "azure_ad"}
+                  "organization", "project", "connect_timeout", "when_env", "azure_ad", "key_quarantine"}
+# What may move a request on to the alias's next target (``models.<alias>.fallback_on``).
+FALLBACK_OUTCOMES = ("5xx", "429", "401", "403", "timeout", "connect_failure", "invalid_answer")
+DEFAULT_FALLBACK_ON = frozenset({"5xx", "429", "timeout", "connect_failure"})  # what Tollgate always did
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Provider:
     project: str | None = None  # openai
     connect_timeout: float = 5.0
     azure_ad: AzureAd | None = None  # azure_openai: a bearer token from Azure AD instead of api-key
+    key_quarantine: float = 600.0  # a key answered 401/403: left out of the pool this long (or until it changes)
 
     @property
     def tls(self) -> bool:
@@ -72,8 +76,8 @@ class ModelAlias:
     targets: tuple[Target, ...]
     per_try_timeout: float = 60.0  # no response headers in time: next target
     first_byte_timeout: float = 30.0  # no byte for this long (before or during the answer)
-    retry_on_429: bool = True
     owned_by: str = "tollgate"
+    fallback_on: frozenset[str] = DEFAULT_FALLBACK_ON  # outcomes of an attempt that move on to the next target
 
 
 def parse_providers(r: Reader, v: Any) -> dict[str, Provider | None]:
@@ -118,6 +122,7 @@ def parse_provider(r: Reader, name: str, v: Any, path: str) -> Provider | None:
         project=r.string(m.get("project"), f"{path}.project"),
         connect_timeout=r.duration(m.get("connect_timeout"), f"{path}.connect_timeout", 5.0),
         azure_ad=azure_ad,
+        key_quarantine=r.duration(m.get("key_quarantine"), f"{path}.key_quarantine", 600.0, hi=86400.0),
     )
 
 
@@ -156,7 +161,8 @@ def parse_models(r: Reader, v: Any, providers: dict[str, Provider | None]) -> di
 
 def parse_alias(r: Reader, name: str, v: Any, path: str, providers: dict[str, Provider | None]) -> ModelAlias | None:
     r.name(name, path, "model aliases")
-    m = r.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by"})
+    m = r.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by",
+                            "fallback_on"})
     raw = m.get("targets")
     if not isinstance(raw, list) or not raw:
         raise r.fail(f"{path}.targets", "expected a non-empty list of {provider, model}")
@@ -178,6 +184,27 @@ def parse_alias(r: Reader, name: str, v: Any, path: str, providers: dict[str, Pr
         targets=tuple(targets),
         per_try_timeout=r.duration(m.get("per_try_timeout"), f"{path}.per_try_timeout", 60.0),
         first_byte_timeout=r.duration(m.get("first_byte_timeout"), f"{path}.first_byte_timeout", 30.0),
-        retry_on_429=r.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True),
         owned_by=r.string(m.get("owned_by"), f"{path}.owned_by", default="tollgate") or "tollgate",
+        fallback_on=parse_fallback_on(r, m, path),
     )
+
+
+def parse_fallback_on(r: Reader, m: dict[str, Any], path: str) -> frozenset[str]:
+    """Which attempt outcomes move on to the next target; without the key, what Tollgate always did
+    (``retry_on_429: false``, the older setting, takes 429 out of that)."""
+    if "fallback_on" not in m:
+        if r.boolean(m.get("retry_on_429"), f"{path}.retry_on_429", True):
+            return DEFAULT_FALLBACK_ON
+        return DEFAULT_FALLBACK_ON - {"429"}
+    if "retry_on_429" in m:
+        raise r.fail(f"{path}.retry_on_429", "give fallback_on or retry_on_429, not both (429 goes in fallback_on)")
+    items = m["fallback_on"]
+    if not isinstance(items, list):
+        raise r.fail(f"{path}.fallback_on", f"expected a list of {', '.join(FALLBACK_OUTCOMES)}")
+    out = set()
+    for i, item in enumerate(items):
+        name = str(item)  # YAML reads 401 and 429 as numbers
+        if name not in FALLBACK_OUTCOMES:
+            raise r.fail(f"{path}.fallback_on[{i}]", f"unknown outcome {name!r} (expected {', '.join(FALLBACK_OUTCOMES)})")
+        out.add(name)
+    return frozenset(out)

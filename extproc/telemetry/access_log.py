@@ -15,6 +15,7 @@ def access_record(ex: Exchange, now: float) -> str:
     rec = {
         "request_id": ex.request_id,
         "endpoint": ex.endpoint,
+        "api": ex.inbound,
         "alias": ex.alias,
         "provider": ex.provider,
         "principal": ex.principal,
@@ -23,6 +24,7 @@ def access_record(ex: Exchange, now: float) -> str:
         "model": ex.target_model,
         "response_model": ex.response_model,
         "attempts": ex.attempts,
+        "attempt_outcomes": [f"{p}={s if s is not None else 'none'}" for p, s in ex.outcomes],
         "status": ex.status,
         "stream": ex.stream,
         "input_tokens": u.prompt_tokens if u else None,
@@ -35,5 +37,6 @@ def access_record(ex: Exchange, now: float) -> str:
         "duration_ms": round((now - ex.received_at) * 1000, 2),
         "overhead_ms": round(overhead * 1000, 3) if overhead is not None else None,
         "error": ex.error,
+        "guardrails": ex.guardrails.summary() if ex.guardrails is not None else None,
     }
     return json.dumps(rec, separators=(",", ":"))

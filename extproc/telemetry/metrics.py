@@ -79,10 +79,15 @@ class Metrics:
             (*MODEL_LABELS, "outcome", "status_class", "error_type"), registry=r)
         self.fallbacks = Counter(
             "tollgate_fallback_attempts",
-            "Attempts made on a later target, by the provider that failed before. reason is always 'unobserved': "
-            "a failed attempt goes straight to Envoy's retry, so the gateway never sees it; "
-            "tollgate_fallback_reasons_total has why, from Envoy's own counts.",
+            "Attempts after a failed one (a later target, or the same one with another key), by the provider that "
+            "failed before and how: 5xx, 429, 401, 403, invalid_answer (read by the outcome stage), or no_response "
+            "(refused, timed out or reset; tollgate_fallback_reasons_total has Envoy's own counts).",
             ("alias", "from_provider", "reason"), registry=r)
+        self.key_quarantines = Counter(
+            "tollgate_provider_key_quarantined",
+            "Provider keys left out of their pool after the provider refused them (401/403), by provider and key "
+            "position in the pool (#0, #1 ...; never the key).",
+            ("provider", "key"), registry=r)
         self.rejections = Counter(
             "tollgate_quota_rejections",
             "Requests refused (or streams cut) by a token bucket or budget, by kind of scope (principal, team, "
@@ -207,10 +212,14 @@ class Metrics:
             if team in self._teams:  # a bounded label: configured teams only
                 self.budget_remaining.labels(team).set(micro / MICROS_PER_USD)
 
-    def fallback(self, alias: str, from_provider: str | None) -> None:
-        """A later target is tried. How the previous one failed is seen by Envoy only (see the metric's help)."""
+    def fallback(self, alias: str, from_provider: str | None, reason: str) -> None:
+        """Another attempt is made; ``reason`` is how the previous one failed (a bounded set, see the help)."""
         if self.enabled:
-            self.fallbacks.labels(self.alias(alias), self.provider(from_provider), "unobserved").inc()
+            self.fallbacks.labels(self.alias(alias), self.provider(from_provider), reason).inc()
+
+    def key_quarantined(self, provider: str, slot: int) -> None:
+        if self.enabled:
+            self.key_quarantines.labels(self.provider(provider), f"#{slot}").inc()
 
     def upstream_error(self, provider: str, status: int) -> None:
         kind = "no_response" if not status else "429" if status == 429 else f"{status // 100}xx"
