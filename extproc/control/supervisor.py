@@ -116,6 +116,8 @@ async def serve(
         models = {a.targets[0].model for a in cfg.models.values()}
         await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
     server, processor, health = await start_server(gw)
+    if gw.governor is not None:
+        gw.governor.start()  # replays settlements the store missed, reaps leases of dead sidecars
     gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -157,7 +159,7 @@ async def serve(
             except asyncio.TimeoutError:
                 envoy.kill()
                 await envoy.wait()
-        await gw.close()  # pending quota settlements, then the quota store and ledger
+        await gw.close()  # every pending quota settlement and ledger record, then the store is flushed
         gw.metrics.close()
         await gw.vault.close()
         if gw.auth is not None:
