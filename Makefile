@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out tests/bench/results.md
 	$(BIN)/python -m tests.bench.protobuf_parse >> tests/bench/results.md
 	$(BIN)/python -m tests.bench.quota >> tests/bench/results.md
+	$(BIN)/python -m tests.bench.soak --minutes 1 --out tests/bench/soak.md
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 	$(BIN)/python -m tests.bench.guardrails --out tests/bench/guardrails.md

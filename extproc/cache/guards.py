@@ -12,9 +12,16 @@ prompts also agree on what an embedding blurs:
 - negation (not, never, n't, without, ...) and opposites (increase/decrease,
   buy/sell, before/after, ...);
 - argument order: the word after a directional marker (from, to, into, than,
-  vs, ...) must be the same in both prompts when both use the marker;
+  vs, ...) must be the same in both prompts when both use the marker, and two
+  content words may not trade places across another ("the dog bit the man" /
+  "the man bit the dog": the same words, cosine 0.98);
 - the kind of question: why / where / when / who ask different things about
   the same words ("why does vinegar expire" / "how does vinegar expire").
+
+Words are read in any script with accents folded ("Pokémon" = "Pokemon"), a
+hyphen separates words ("IIT-JEE" = "IIT JEE"), and "one" the pronoun ("how
+does one ...") is not a number: on the dev pairs these three wrongly objected to
+eleven paraphrases and let no different-meaning pair through.
 
 Each check is a few set and list comparisons over features extracted once per
 prompt (``features``), so a guard costs microseconds, not an embedding.
@@ -26,7 +33,14 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9'’_\-]*|\d[\d,]*(?:\.\d+)?%?|[$€£¥]")
+# a word: letters of any script, then letters or digits ("Pokémon", "GPT4", "don't"); a hyphen or an
+# underscore separates words, so "IIT-JEE" / "IIT JEE" and "BITSAT-2017" / "BITSAT 2017" read alike
+_WORD = re.compile(r"[^\W\d_][^\W_]*(?:['’][^\W\d_]+)*|\d[\d,]*(?:\.\d+)?%?|[$€£¥]")
+# "one" as a pronoun ("how does one learn", "one should") is no quantity
+_ONE_AFTER = {"does", "do", "can", "could", "should", "would", "will", "must", "might", "may", "makes", "make",
+              "let", "how", "no", "any", "every", "which", "that", "this", "the"}
+_ONE_BEFORE = {"can", "could", "should", "would", "will", "must", "might", "may", "does", "do", "is", "has",
+               "needs", "need", "gets", "get"}
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|`([^`]{1,200})`|(?<![A-Za-z])'([^']{1,200})'(?![A-Za-z])")
 _SENTENCE_END = re.compile(r"[.!?:;]\s+")
 
@@ -69,6 +83,12 @@ _OPPOSITES = [
     ("accept", "reject"), ("include", "exclude"), ("ascending", "descending"), ("yesterday", "tomorrow"),
     ("import", "export"), ("sunrise", "sunset"), ("morning", "evening"), ("rich", "poor"), ("light", "dark"),
     ("young", "old"), ("long", "short"), ("tall", "short"), ("big", "small"), ("large", "small"),
+    ("good", "bad"), ("better", "worse"), ("healthy", "unhealthy"), ("agree", "disagree"), ("like", "dislike"),
+    ("allow", "block"), ("allow", "deny"), ("success", "failure"), ("rise", "fall"), ("gain", "lose"),
+    ("connect", "disconnect"), ("lock", "unlock"), ("install", "uninstall"), ("mount", "unmount"),
+    ("subscribe", "unsubscribe"), ("follow", "unfollow"), ("send", "receive"), ("input", "output"),
+    ("most", "least"), ("same", "different"), ("similar", "different"), ("winter", "summer"), ("day", "night"),
+    ("husband", "wife"), ("mother", "father"), ("son", "daughter"), ("brother", "sister"), ("king", "queen"),
 ]
 OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in _OPPOSITES:
@@ -108,6 +128,7 @@ class Features:
     opposites: frozenset[str]  # words that have an opposite
     markers: tuple[tuple[str, str], ...]  # (marker, next content word)
     asks: frozenset[str]  # why / where / when / who
+    content: tuple[str, ...] = ()  # the words that are not stopwords, in order ("and"/"or" pairs sorted)
 
 
 def _canon_number(tok: str) -> str:
@@ -131,7 +152,7 @@ def features(text: str) -> Features:
     negated = False
     for m in _WORD.finditer(text):
         tok = m.group(0)
-        low = tok.lower().replace("’", "'")
+        low = _fold(tok.lower().replace("’", "'"))
         flat = low.replace("'", "")
         words.append(low)
         if tok[0].isdigit():
@@ -139,14 +160,15 @@ def features(text: str) -> Features:
             if tok.endswith("%"):
                 units.add("pct")
             continue
-        if low in NUMBER_WORDS:
+        if low in NUMBER_WORDS and not (low == "one" and _pronoun_one(words, text, m.end())):
             numbers.append(NUMBER_WORDS[low])
         if low in UNITS or flat in UNITS:
             units.add(UNITS.get(low) or UNITS[flat])
         if flat in NEGATIONS or low.endswith("n't"):
             negated = True
         at_start = m.start() in starts or text[:m.start()].rstrip().endswith(("\"", "(", "-"))
-        if _is_name(tok, at_start) and low not in names:
+        suffix = len(tok) == 1 and tok.isupper() and text[m.start() - 1:m.start()] == "-"  # ENTJ-A, Plan-B
+        if (suffix or _is_name(tok, at_start)) and low not in names:
             names.append(low)
     opposites = frozenset(w for w in words if w in OPPOSITE)
     markers = []
@@ -157,7 +179,30 @@ def features(text: str) -> Features:
                 markers.append((_SAME_MARKER.get(w, w), nxt))
     asks = frozenset(w for w in words if w in QUESTION_WORDS)
     return Features(tuple(numbers), frozenset(units), quoted, tuple(names), frozenset(words), negated,
-                    opposites, tuple(markers), asks)
+                    opposites, tuple(markers), asks, _content_sequence(words))
+
+
+def _content_sequence(words: list[str]) -> tuple[str, ...]:
+    """Content words in order; "X and Y" / "X or Y" written in sorted order, since that order means nothing."""
+    w = list(words)
+    for i in range(1, len(w) - 1):
+        if w[i] in ("and", "or") and w[i + 1] < w[i - 1]:
+            w[i - 1], w[i + 1] = w[i + 1], w[i - 1]
+    return tuple(x for x in w if x not in STOPWORDS)
+
+
+def _fold(word: str) -> str:
+    """Accents dropped ("pokémon" -> "pokemon"), so a name written with or without them compares equal."""
+    if word.isascii():
+        return word
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
+def _pronoun_one(words: list[str], text: str, end: int) -> bool:
+    """Whether the "one" just read (the last of ``words``) is the pronoun: "how does one ...", "one can ..."."""
+    before = words[-2] if len(words) > 1 else ""
+    after = _WORD.search(text, end)
+    return before in _ONE_AFTER or (after is not None and after.group(0).lower() in _ONE_BEFORE)
 
 
 def _is_name(tok: str, at_start: bool) -> bool:
@@ -190,9 +235,21 @@ def disagreement(a: Features, b: Features) -> str | None:
         return "question"
     if not _names_agree(a, b):
         return "name"
-    if not _markers_agree(a, b):
+    if not _markers_agree(a, b) or _roles_swapped(a.content, b.content):
         return "order"
     return None
+
+
+def _roles_swapped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """The same words, two of them traded across another: "the dog bit the man" / "the man bit the dog".
+
+    Only a trade of two words with at least one content word between them counts: neighbours that
+    change places ("tallest mountain" / "mountain tallest") are rewordings.
+    """
+    if len(a) != len(b) or a == b or sorted(a) != sorted(b):
+        return False
+    moved = [i for i in range(len(a)) if a[i] != b[i]]
+    return len(moved) == 2 and moved[1] - moved[0] > 1 and a[moved[0]] == b[moved[1]] and a[moved[1]] == b[moved[0]]
 
 
 def _names_agree(a: Features, b: Features) -> bool:

@@ -52,6 +52,7 @@ class SemanticCache:
         self.index = LocalIndex()
         self.clock = clock
         self.position = "0"  # how far the insert stream has been read
+        self._rebuild: asyncio.Task[None] | None = None
 
     async def find(self, plan: Plan, vector: np.ndarray | None, threshold: float) -> Decision:
         entry = await self.store.get_exact(plan.exact)
@@ -97,7 +98,27 @@ class SemanticCache:
             self.index.remove(gone)
         if vector is not None:
             self.index.add(entry.id, entry.scope, entry.prompt, vector, entry.expires)
+            self._maybe_rebuild()
         return entry
+
+    def _maybe_rebuild(self) -> None:
+        """Start promoting/retraining grown partitions in the background (one task at a time)."""
+        if (self._rebuild is None or self._rebuild.done()) and self.index.wanted():
+            self._rebuild = asyncio.get_running_loop().create_task(self._rebuild_all())
+
+    async def _rebuild_all(self) -> None:
+        for scope in self.index.wanted():
+            try:
+                await self.index.rebuild(scope)
+            except Exception:  # noqa: BLE001 - the flat partition keeps serving
+                log.exception("cache: rebuilding the index of a scope failed")
+
+    async def settle(self) -> None:
+        """Wait for a background rebuild (the bench and the specs)."""
+        while self._rebuild is not None and not self._rebuild.done():
+            await self._rebuild
+        if self.index.wanted():
+            await self._rebuild_all()
 
     async def catch_up(self, block_ms: int = 0) -> int:
         """Add what other sidecars stored since the last call; how many records were read."""
@@ -114,6 +135,7 @@ class SemanticCache:
                 rows.append(rec)
         if rows:
             self.index.add_many(rows)
+            self._maybe_rebuild()
         return len(records)
 
     async def follow(self, poll_ms: int = 200) -> None:

@@ -138,6 +138,8 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
     server, processor, health = await start_server(gw)
+    if gw.governor is not None:
+        gw.governor.start()  # replays settlements the store missed, reaps leases of dead sidecars
     gw.metrics.serve(cfg.metrics)
     stop = asyncio.Event()
     install_signal_handlers(stop)
@@ -149,7 +151,7 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
         while processor.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await drain(server, health, max(0.0, min(grace, 2.0)))
-        await gw.close()  # pending quota settlements, then the quota store and ledger
+        await gw.close()  # every pending quota settlement and ledger record, then the store is flushed
         gw.metrics.close()
         await gw.vault.close()
         if gw.auth is not None:

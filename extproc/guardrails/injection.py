@@ -33,7 +33,9 @@ from collections.abc import Iterable
 
 import ahocorasick
 
+from extproc.guardrails.deobfuscate import views
 from extproc.guardrails.findings import Finding
+from extproc.guardrails.intents import FAMILIES, SHELL
 
 _OBJ = (r"(?:instructions?|prompts?|rules|guidelines?|directives?|commands?|programming|restrictions?|constraints?"
         r"|polic(?:y|ies)|guardrails?|safeguards?|filters?|training|orders|(?:security|safety) (?:checks|measures|protocols))")
@@ -103,7 +105,7 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
                 r"(?:prompt|instructions?)(?:\s+(?:template|guidelines|text))?\s+(?:is|are|was|says|reads)\b")),
     ("persona", ("dan", "stan", "dude", "aim", "anti-dan", "antidan", "betterdan", "evil", "jailbr", "nla"), re.compile(
         r"(?:dan|stan|dude|aim|anti-?dan|betterdan|evil[- ]?bot|jailbreak(?:en|ed)?|nla)\b[^.\n]{0,60}"
-        r"\b(?:do anything now|stands? for|mode|no (?:restrictions|limits|filters|rules)|unfiltered|always intelligent)")),
+        r"\b(?:do anything now|stands? for|mode|no (?:restrictions|limits|filters|rules)|unfiltered|always intelligent)\b")),
     ("persona", (" mode",), re.compile(
         r"(?:developer|dev|god|jailbreak|unrestricted|uncensored|unfiltered|evil|opposite|chaos|dan) mode\b[^.\n]{0,40}"
         r"\b(?:enabled|activated|engaged|is now on|turned on)|enable (?:developer|dev|dan|god) mode\b[^.\n]{0,40}\b(?:respond|answer|output|generate|ignore|no )")),
@@ -136,6 +138,7 @@ _STRONG: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [  # noqa: RUF012
                    "[system]:"), re.compile(
         r"<\|im_start\|>\s*system|<\|system\|>|<<sys>>|\[/?inst\]|<\|endoftext\|>|<\|start_header_id\|>\s*system"
         r"|system\s*override|\[(?:end|new) session\]|\{\s*system\s*:|\[system\]:")),
+    *FAMILIES,
 ]
 # weak signals: substrings; an attack piles them up, an ordinary prompt has one at most
 _WEAK: list[tuple[str, ...]] = [
@@ -158,29 +161,55 @@ MAX_SCAN_CHARS = 65536  # an attack states itself early or late; the middle of a
 
 
 def injections(text: str) -> Iterable[Finding]:
+    """The first phrase found in the text; when none, the first found in what its obfuscation hides."""
+    found = False
+    seen: set[tuple[str, int]] = set()
+    for f in _plain(text, seen):
+        found = True
+        yield f
+    if found:
+        return
+    for view, start, end, decoded in views(text):
+        # an undone view whose triggers the text already had (its digits read as letters, say) says nothing new
+        known = seen if not decoded and len(text) <= 2 * MAX_SCAN_CHARS else None
+        if next(iter(_scan(view, 0, known=known)), None) is not None or (decoded and SHELL.search(view) is not None):
+            yield Finding("injection", "injection_obfuscated", start, end)
+            return
+
+
+def _plain(text: str, seen: set[tuple[str, int]]) -> Iterable[Finding]:
     if len(text) > 2 * MAX_SCAN_CHARS:  # head and tail, spans kept in the original coordinates
         yield from _scan(text[:MAX_SCAN_CHARS].lower(), 0)
         yield from _scan(text[-MAX_SCAN_CHARS:].lower(), len(text) - MAX_SCAN_CHARS)
         return
-    yield from _scan(text.lower(), 0)
+    yield from _scan(text.lower(), 0, seen=seen)
 
 
 def _leads(pattern: str, triggers: tuple[str, ...]) -> bool:
-    """Whether ``pattern`` opens with a group matching exactly its triggers (then it can be tried only there)."""
+    """Whether ``pattern`` opens with a group matching exactly its triggers (then it can be tried only there).
+
+    A leading group of lookbehinds (what must come before the trigger: a sentence start, say) is skipped.
+    """
+    if pattern.startswith("(?:(?<"):
+        pattern = pattern[_group_end(pattern) + 1:]
     if not pattern.startswith("(?:"):
         return False
+    head = re.compile(pattern[: _group_end(pattern) + 1])
+    return all(head.fullmatch(t) is not None for t in triggers)
+
+
+def _group_end(pattern: str) -> int:
     depth = 0
     for i, c in enumerate(pattern):
         depth += c == "("
         depth -= c == ")"
         if depth == 0:
-            head = re.compile(pattern[: i + 1])
-            return all(head.fullmatch(t) is not None for t in triggers)
-    return False
+            return i
+    return len(pattern) - 1
 
 
-ANCHOR_FROM = 4096  # from this length on, a pattern that opens with its trigger is tried only where one occurs
-MAX_ANCHORS = 256
+ANCHOR_FROM = 0  # a pattern that opens with its trigger is tried only where one occurs
+MAX_ANCHORS = 4096
 
 
 def _build() -> ahocorasick.Automaton:
@@ -199,18 +228,15 @@ def _build() -> ahocorasick.Automaton:
     return auto
 
 
-def _scan(low: str, base: int) -> Iterable[Finding]:
-    strong: dict[int, list[int]] = {}
-    weak: dict[int, int] = {}
-    for end, (size, owners) in _AUTO.iter(low):
-        start = end - size + 1
-        if start and low[start - 1].isalnum() and not low[start].isspace():
-            continue  # inside a word ("contact", "abundant")
-        for kind, n in owners:
-            if kind == "s":
-                strong.setdefault(n, []).append(start)
-            else:
-                weak.setdefault(n, start)
+def _scan(low: str, base: int, *, seen: set[tuple[str, int]] | None = None,
+          known: set[tuple[str, int]] | None = None) -> Iterable[Finding]:
+    """Findings of ``low``; its triggers are added to ``seen``; nothing is tried when all of them are ``known``."""
+    strong, weak = _triggers(low)
+    keys = {("s", n) for n in strong} | {("w", n) for n in weak}
+    if seen is not None:
+        seen |= keys
+    if known is not None and keys <= known:
+        return
     for n in sorted(strong):
         detector, _t, rx = _STRONG[n]
         at = strong[n]
@@ -218,12 +244,36 @@ def _scan(low: str, base: int) -> Iterable[Finding]:
             m = next((m for i in at if (m := rx.match(low, i)) is not None), None)
         else:
             m = rx.search(low)  # only texts holding one of its triggers get here
-        if m is not None:
+        if m is not None and not _quoted(low, m.start(), m.end()):
             yield Finding("injection", f"injection_{detector}", base + m.start(), base + m.end())
             return
     if len(weak) >= MIN_WEAK:
         first = min(weak.values())
         yield Finding("injection", "injection_signals", base + first, base + first + 1)
+
+
+def _triggers(low: str) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Where each strong pattern's triggers start, and the first place of each weak signal, in one pass."""
+    strong: dict[int, list[int]] = {}
+    weak: dict[int, int] = {}
+    for end, (size, owners) in _AUTO.iter(low):
+        start = end - size + 1
+        if start and low[start - 1].isalnum() and not low[start].isspace() and low[start] < "\u2e80":
+            continue  # inside a word ("contact", "abundant"); Chinese and Japanese have no word breaks
+        for kind, n in owners:
+            if kind == "s":
+                strong.setdefault(n, []).append(start)
+            else:
+                weak.setdefault(n, start)
+    return strong, weak
+
+
+_QUOTES = "\"'“”‘’«»`"
+
+
+def _quoted(low: str, start: int, end: int) -> bool:
+    """A phrase standing alone between quotes is named, not said ("why do 'ignore previous instructions' attacks work")."""
+    return start > 0 and end < len(low) and low[start - 1] in _QUOTES and low[end] in _QUOTES
 
 
 _AUTO = _build()

@@ -22,16 +22,11 @@ from extproc.pipeline.exchange import Exchange, Exchanges
 from extproc.pipeline.admission import settle
 from extproc.telemetry.metrics import Metrics
 from extproc.providers.base import Usage
-from extproc.quota.calendar import zone
+from extproc.quota.build import build_governor as build_quota_governor
 from extproc.quota.governor import Governor
-from extproc.quota.ledger import Ledger, open_ledger
 from extproc.quota.limits import MICROS_PER_USD
 from extproc.quota.prices import DEFAULT_PRICES, PriceTable
-from extproc.quota.memory_store import MemoryQuotaStore
-from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.settings import ANY
-from extproc.quota.store import QuotaStore
-from extproc.quota.tokenizer import Tokenizer
 
 log = logging.getLogger("tollgate")
 
@@ -97,15 +92,20 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Let pending settlements finish, then close the quota store and ledger."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+    async def close(self) -> None:
+        """Let every pending settlement finish, then flush and close the cache, the quota store and ledger.
+
+        No fixed cut: a settlement is one store call bounded by the store's own
+        timeouts (one that fails goes to the governor's backlog, which
+        ``Governor.close`` replays while the store answers), so waiting for all
+        of them ends, and stopping never drops a record.
+        """
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
         if self.cache is not None:
             await self.cache.close()
         if self.governor is not None:
-            await self.governor.store.close()
-            await self.governor.ledger.close()
+            await self.governor.close()
 
 
 def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> Runtime:
@@ -135,14 +135,6 @@ def build_governor(config: GatewayConfig, redis_password: str | None, metrics: M
     q = config.quota
     if q is None:
         return None
-    store: QuotaStore
-    ledger: Ledger
-    if q.store == "redis" and config.redis is not None:
-        client = connect(config.redis.url, password=redis_password)
-        store = RedisQuotaStore(client, tz=zone(q.time_zone), hash_tag=q.hash_tag)
-        ledger = open_ledger(q, client=client)
-    else:
-        store = MemoryQuotaStore(tz=zone(q.time_zone))
-        ledger = open_ledger(q)
-    return Governor(q, store=store, ledger=ledger, tokenizer=Tokenizer(),
-                    on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error))
+    r = config.redis
+    return build_quota_governor(q, redis_url=r.url if r is not None else None, redis_password=redis_password,
+                                on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error))

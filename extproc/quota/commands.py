@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from datetime import UTC, datetime
 
 from extproc.config import GatewayConfig, environment
 from extproc.credentials.secrets import redis_password
-from extproc.quota.ledger import GROUPS, Totals, format_totals, open_ledger, parse_since, totals
+from extproc.quota.ledger import GROUPS, Totals, format_totals, open_ledger, parse_since, totals, totals_json
 from extproc.quota.store import QuotaUnavailable
 
 
@@ -21,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--principal", help="only this principal")
     p.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (default 24h)")
     p.add_argument("--by", choices=GROUPS, help="one line per model, team, principal, alias, provider or cache status")
+    p.add_argument("--json", action="store_true", help="print the sums as JSON (money in integer micro-dollars)")
 
 
 def spend_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
@@ -38,6 +40,10 @@ def spend_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
         print(f"tollgate: the usage ledger cannot be read: {e}", file=sys.stderr)
         return 1
     start = datetime.fromtimestamp(time.time() - window, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if args.json:
+        print(json.dumps({"since": start, "team": args.team, "principal": args.principal,
+                          **totals_json(groups, args.by)}, indent=2))
+        return 0
     who = " ".join(f"{k} {v}" for k, v in (("team", args.team), ("principal", args.principal)) if v) or "everyone"
     print(f"spend of {who} since {start} ({args.since})")
     print(format_totals(groups, args.by) if groups else "no requests recorded")

@@ -20,21 +20,34 @@ nothing for an error answer or when no provider was reached; and the whole
 reservation when a provider was asked but no answer was seen (the client
 left first): the provider bills such work, so the gateway never charges less.
 
+Settling and recording are one store call (``QuotaStore.settle`` with the
+record): the ledger entry is written atomically with the budget change, and
+every hold carries the record its expiry writes (outcome ``unknown``, the
+amount it charged), so a sidecar killed mid-request leaves budgets and
+ledger in agreement. With no limit for a caller (a quota section with prices
+and no ``limits``: "a ledger without holds") nothing is held; ``finish``
+only appends the record.
+
 With ``on_store_error: fail_open`` a store outage admits against a local
 memory store holding each limit divided by ``replicas`` (counted in
-``store_errors`` and logged); the request is settled where it was reserved,
-so nothing is charged twice when the shared store is back.
+``store_errors`` and logged); the request is settled there, then *charged*
+to the shared store (``QuotaStore.charge``: added without a limit check,
+and recorded, once per request id) as soon as it answers again, so the
+shared budgets and the ledger see all of the outage's spend exactly once.
 
-A settle or ledger append that fails (the store is down as the request ends)
-is kept in a bounded backlog and replayed after the next request that settles
-and records normally: both are idempotent by request id, so a replay never
-counts twice, and a reservation settled late gets its refund (the store
-applies a late settle to the period it was charged to).
+A settle, charge or ledger append that fails (the store is down as the
+request ends) is kept in a bounded backlog and replayed oldest first after
+the next request that settles normally, and every 5 seconds by the
+governor's own task (``start``) (which also reaps expired leases, so a dead
+sidecar's holds reach the ledger without traffic). Each is idempotent by
+request id, so a replay never counts twice. ``close`` replays what is left
+and flushes the store before the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +59,8 @@ from extproc.providers.base import Usage
 from extproc.quota.calendar import zone
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.context import ContextWindows
-from extproc.quota.ledger import Ledger, UsageRecord
+from extproc.quota.ledger import Ledger
+from extproc.quota.records import UsageRecord
 from extproc.quota.limits import Rejection, Reservation, ScopeLimits
 from extproc.quota.memory_store import MemoryQuotaStore
 from extproc.quota.policy import QuotaPolicy, scaled
@@ -87,6 +101,7 @@ class Plan:
     inject_max_tokens: int | None  # a non-streamed request without a cap: send this one upstream
     stream: bool
     priced_as: tuple[str, ...] = ()  # holds are priced at the dearest of these (the alias's targets)
+    scopes: tuple[ScopeLimits, ...] = ()  # the shared limits (a fail-open hold is charged to these later)
 
 
 class Governor:
@@ -110,8 +125,54 @@ class Governor:
         self._on_store_error = on_store_error
         self._backlog: deque[_Unfinished] = deque()
         self._replaying = False
+        self._clock = clock
         self._local = (MemoryQuotaStore(tz=zone(settings.time_zone), clock=clock)
                        if settings.on_store_error == "fail_open" else None)
+        self._maintenance: asyncio.Task[None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Finished requests whose settlement or record waits for the store."""
+        return len(self._backlog)
+
+    def start(self, every: float = 5.0) -> None:
+        """Run the maintenance task: replay the backlog and reap expired leases every ``every`` seconds."""
+        if self._maintenance is None:
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain(every))
+
+    async def _maintain(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if self._backlog and not self._replaying:
+                    await self.replay()
+                expired = await self.store.reap()
+                if expired:
+                    log.warning("%d quota holds expired unsettled (their sidecar stopped): recorded as unknown",
+                                expired)
+            except QuotaUnavailable:
+                pass  # counted where the request path meets it; the next round tries again
+            except Exception:
+                log.exception("quota maintenance failed")
+
+    async def close(self, *, patience: float = 10.0) -> None:
+        """Stop maintenance, replay what waits for the store (for up to ``patience`` seconds while it
+        stays down), then close the store (the embedded one commits everything) and the ledger."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        deadline = asyncio.get_running_loop().time() + patience
+        while self._backlog:
+            await self.replay()
+            if not self._backlog or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        for item in self._backlog:
+            log.error("stopping with request %s neither settled nor recorded (the quota store stayed down); "
+                      "its hold expires into an unknown record: %s", item.record.request_id, item.record)
+        await self.store.close()
+        await self.ledger.close()
 
     async def admit(
         self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool, endpoint: str = "chat",
@@ -131,11 +192,14 @@ class Governor:
         priced_as = (model, *(m for m in fallbacks if m != model))
         micro = self.estimate(priced_as, prompt.tokens, hold)
         scopes = self.policy.scopes(principal=caller.principal, team=caller.team, alias=caller.alias)
-        result, store = await self._reserve(scopes, prompt.tokens + hold, micro, caller.request_id)
+        provisional = UsageRecord(caller.request_id, caller.principal or "", caller.team or "", caller.alias, "",
+                                  model, prompt.tokens, 0, 0, 0, outcome="unknown")
+        result, store = await self._reserve(scopes, prompt.tokens + hold, micro, provisional)
         if isinstance(result, Rejection):
             raise result.error()
         cap = None if stream or isinstance(asked, int) else max_output
-        return Admission(self, store, result, Plan(caller, model, prompt, max_output, hold, cap, stream, priced_as))
+        plan = Plan(caller, model, prompt, max_output, hold, cap, stream, priced_as, scopes)
+        return Admission(self, store, result, plan)
 
     def estimate(self, models: Sequence[str], input_tokens: int, output_tokens: int) -> int:
         """Micro-dollars to hold: the dearest of ``models`` for these tokens."""
@@ -177,11 +241,16 @@ class Governor:
             self._on_store_error(op)
 
     async def _reserve(
-        self, scopes: tuple[ScopeLimits, ...], tokens: int, micro: int, rid: str
-    ) -> tuple[Reservation | Rejection, QuotaStore]:
+        self, scopes: tuple[ScopeLimits, ...], tokens: int, micro: int, record: UsageRecord
+    ) -> tuple[Reservation | Rejection, QuotaStore | None]:
         lease = self.settings.lease_seconds
+        rid = record.request_id
+        if not scopes:  # no limit applies: nothing to hold, the record is appended when the request ends
+            return Reservation(rid, (), (), tokens, micro, self._clock.now() + lease), None
         try:
-            return await self.store.reserve(scopes, tokens, micro, lease_seconds=lease, reservation_id=rid), self.store
+            result = await self.store.reserve(scopes, tokens, micro, lease_seconds=lease, reservation_id=rid,
+                                              record=record)
+            return result, self.store
         except QuotaUnavailable as e:
             self.store_failed("reserve")
             if self._local is None:
@@ -196,7 +265,7 @@ class Governor:
 class Admission:
     """One admitted request's hold on the quotas, until ``finish``."""
 
-    def __init__(self, governor: Governor, store: QuotaStore, reservation: Reservation, plan: Plan) -> None:
+    def __init__(self, governor: Governor, store: QuotaStore | None, reservation: Reservation, plan: Plan) -> None:
         self._g = governor
         self._store = store
         self.reservation = reservation
@@ -264,6 +333,10 @@ class Admission:
         """Reserve one more slice: on success it is covered; a refusal is kept for the boundary."""
         s = self._g.settings
         grow = s.stream_slice_tokens
+        if self._store is None:  # nothing is held: every slice is granted
+            self._covered += grow
+            self._growing = None
+            return
         try:
             result = await self._store.top_up(self.reservation, grow,
                                               self._g.estimate(self.plan.priced_as or (self.model,), 0, grow),
@@ -295,9 +368,10 @@ class Admission:
         usage, micro = await self._billed(usage, outcome, model, cache_write_tokens)
         c = self.caller
         record = UsageRecord(c.request_id, c.principal or "", c.team or "", c.alias, provider, model,
-                             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, micro, cache_status)
+                             usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, micro, cache_status,
+                             outcome=outcome)
         self._finished = record
-        await self._g.complete(_Unfinished(self._store, self.reservation, record))
+        await self._g.complete(_Unfinished(self._store, self.reservation, record, self.plan.scopes))
         return record
 
     async def _billed(
@@ -319,31 +393,46 @@ class Admission:
 
 
 class _Unfinished:
-    """A finished request's settlement and ledger record, until both went through."""
+    """A finished request's settlement and ledger record, until both went through.
 
-    __slots__ = ("store", "reservation", "record", "settled", "recorded")
+    ``store`` is where it was held: the shared store (one settle writes the
+    budget change and the record), the fail-open local store (settled
+    there, then charged to the shared store with its record), or None when
+    nothing was held (the record alone goes to the ledger).
+    """
 
-    def __init__(self, store: QuotaStore, reservation: Reservation, record: UsageRecord) -> None:
+    __slots__ = ("store", "reservation", "record", "scopes", "settled", "recorded")
+
+    def __init__(
+        self, store: QuotaStore | None, reservation: Reservation, record: UsageRecord,
+        scopes: tuple[ScopeLimits, ...] = (),
+    ) -> None:
         self.store = store
         self.reservation = reservation
         self.record = record
-        self.settled = self.recorded = False
+        self.scopes = scopes
+        self.settled = store is None
+        self.recorded = False
 
     async def run(self, g: Governor, *, quiet: bool = False) -> bool:
         """Do what is left; False (and kept for later, unless ``quiet``) when the store failed."""
         r = self.record
+        used = r.input_tokens + r.output_tokens
         try:
-            if not self.settled:
-                await self.store.settle(self.reservation, r.input_tokens + r.output_tokens, r.micro_usd)
-                self.settled = True
-            if not self.recorded:
+            if self.store is None:
                 await g.ledger.append(r)
-                self.recorded = True
+            elif self.store is g.store:
+                await g.store.settle(self.reservation, used, r.micro_usd, r)
+            else:
+                if not self.settled:
+                    await self.store.settle(self.reservation, used, r.micro_usd)
+                    self.settled = True
+                await g.store.charge(self.scopes, used, r.micro_usd, reservation_id=r.request_id, record=r)
+            self.settled = self.recorded = True
         except GatewayError as e:
             if not quiet:
-                g.store_failed("ledger" if self.settled else "settle")
-                log.error("could not %s request %s (kept to retry): %s",
-                          "record" if self.settled else "settle", r.request_id, e.message)
+                g.store_failed("charge" if self.store is g._local else "settle")
+                log.error("could not settle and record request %s (kept to retry): %s", r.request_id, e.message)
                 g.keep(self)
             return False
         return True

@@ -1,21 +1,26 @@
 """The usage ledger: one record per completed request, summed for chargeback.
 
-``RedisLedger`` appends to a Redis Stream (``{tollgate}:usage``), durable as
-far as Redis persists it (run Redis with ``appendonly yes``); the entry id is
-Redis's own time, which is what ``since``/``until`` filter on.
-``FileLedger`` (embedded mode) appends JSON lines to a local file, flushed and
-fsynced per record. Both record a request id at most once within
-``dedupe_seconds``, so a retried append cannot count a request twice.
+The quota stores write the records of the requests they settle themselves,
+atomically with the budget change (``QuotaStore.settle``), so the ledger and
+the budgets cannot disagree; ``Ledger.append`` is for records that hold no
+budget (a cache hit, a quota section without limits).
+
+``RedisLedger`` is a Redis Stream (``{tollgate}:usage``), durable as far as
+Redis persists it (run Redis with ``appendonly yes``); the entry id is
+Redis's own time, which is what ``since``/``until`` filter on; a request id
+is recorded at most once within ``dedupe_seconds``.
+``SqliteLedger`` (embedded mode) is the ``ledger`` table of the embedded
+store's SQLite file (``state_file.py``); a request id is recorded once.
 ``totals`` sums records for ``tollgate spend --team ml --since 24h --by model``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,48 +30,17 @@ from redis.exceptions import RedisError
 from extproc.config import parse_duration
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.limits import MICROS_PER_USD
+from extproc.quota.records import UsageRecord
 from extproc.quota.redis_store import connect, lua_source
 from extproc.quota.settings import QuotaSettings
+from extproc.quota.state_file import LEDGER_COLUMNS, StateFile
 from extproc.quota.store import QuotaUnavailable
+
+__all__ = ["GROUPS", "Ledger", "RedisLedger", "SqliteLedger", "Totals", "UsageRecord", "format_totals",
+           "open_ledger", "parse_since", "totals"]
 
 DEFAULT_DEDUPE_SECONDS = 24 * 3600
 GROUPS = ("model", "team", "principal", "alias", "provider", "cache_status")
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    request_id: str
-    principal: str
-    team: str
-    alias: str
-    provider: str
-    model: str
-    input_tokens: int  # including cached ones
-    output_tokens: int
-    cached_tokens: int
-    micro_usd: int
-    cache_status: str = "bypass"  # hit_exact | hit_semantic | miss | bypass
-    saved_tokens: int = 0  # a cache hit: the tokens (input + output) the provider was not asked for
-    saved_micro_usd: int = 0  # a cache hit: what the cached answer cost when it was made
-    time: float = 0.0  # seconds since the epoch; set by the ledger
-
-    def to_fields(self) -> dict[str, str]:
-        return {f.name: str(getattr(self, f.name)) for f in fields(self) if f.name != "time"}
-
-    @classmethod
-    def from_fields(cls, raw: Mapping[str, Any], time: float) -> UsageRecord:
-        d = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-             for k, v in raw.items()}
-        def text(name: str) -> str:
-            return str(d.get(name, ""))
-
-        def number(name: str) -> int:
-            return int(d.get(name) or 0)
-
-        return cls(text("request_id"), text("principal"), text("team"), text("alias"), text("provider"),
-                   text("model"), number("input_tokens"), number("output_tokens"), number("cached_tokens"),
-                   number("micro_usd"), text("cache_status") or "bypass", number("saved_tokens"),
-                   number("saved_micro_usd"), time)
 
 
 @dataclass(slots=True)
@@ -78,9 +52,11 @@ class Totals:
     micro_usd: int = 0
     saved_tokens: int = 0
     saved_micro_usd: int = 0
+    unknown: int = 0  # records of holds that expired unsettled (billed as held)
 
     def add(self, r: UsageRecord) -> None:
         self.requests += 1
+        self.unknown += r.outcome == "unknown"
         self.saved_tokens += r.saved_tokens
         self.saved_micro_usd += r.saved_micro_usd
         self.input_tokens += r.input_tokens
@@ -127,21 +103,33 @@ def parse_since(text: str) -> float:
     return seconds
 
 
+def totals_json(groups: Mapping[str, Totals], by: str | None) -> dict[str, Any]:
+    """What ``tollgate spend --json`` prints: exact integers (micro-dollars), one entry per group."""
+    return {"by": by or "scope", "groups": {name: asdict(t) for name, t in groups.items()},
+            "total": asdict(sum_totals(groups.values()))}
+
+
+def sum_totals(groups: Any) -> Totals:
+    s = Totals()
+    for t in groups:
+        for f in ("requests", "input_tokens", "output_tokens", "cached_tokens", "micro_usd", "saved_tokens",
+                  "saved_micro_usd", "unknown"):
+            setattr(s, f, getattr(s, f) + getattr(t, f))
+    return s
+
+
 def format_totals(groups: Mapping[str, Totals], by: str | None) -> str:
-    """The table ``tollgate spend`` prints."""
-    head = f"{(by or 'scope'):<32} {'requests':>9} {'input':>12} {'cached':>12} {'output':>12} {'cost (USD)':>14}"
-    lines = [head]
-    for name, t in groups.items():
-        lines.append(f"{name:<32} {t.requests:>9} {t.input_tokens:>12} {t.cached_tokens:>12} "
-                     f"{t.output_tokens:>12} {t.micro_usd / MICROS_PER_USD:>14.6f}")
+    """The table ``tollgate spend`` prints (``unknown``: records of holds that expired unsettled)."""
+    head = (f"{(by or 'scope'):<32} {'requests':>9} {'unknown':>8} {'input':>12} {'cached':>12} {'output':>12} "
+            f"{'cost (USD)':>14}")
+
+    def line(name: str, t: Totals) -> str:
+        return (f"{name:<32} {t.requests:>9} {t.unknown:>8} {t.input_tokens:>12} {t.cached_tokens:>12} "
+                f"{t.output_tokens:>12} {t.micro_usd / MICROS_PER_USD:>14.6f}")
+
+    lines = [head, *(line(name, t) for name, t in groups.items())]
     if len(groups) > 1:
-        s = Totals()
-        for t in groups.values():
-            s.requests += t.requests
-            s.input_tokens, s.cached_tokens = s.input_tokens + t.input_tokens, s.cached_tokens + t.cached_tokens
-            s.output_tokens, s.micro_usd = s.output_tokens + t.output_tokens, s.micro_usd + t.micro_usd
-        lines.append(f"{'total':<32} {s.requests:>9} {s.input_tokens:>12} {s.cached_tokens:>12} "
-                     f"{s.output_tokens:>12} {s.micro_usd / MICROS_PER_USD:>14.6f}")
+        lines.append(line("total", sum_totals(groups.values())))
     saved_tokens = sum(t.saved_tokens for t in groups.values())
     if saved_tokens:  # cache hits: recorded at cost 0, with what the provider would have charged
         saved_usd = sum(t.saved_micro_usd for t in groups.values()) / MICROS_PER_USD
@@ -162,14 +150,16 @@ def open_ledger(
     if settings.store == "redis" and settings.redis_url:
         client = client or connect(settings.redis_url, password=password, timeout=timeout)
         return RedisLedger(client, hash_tag=settings.hash_tag)
-    return FileLedger(settings.ledger_path or "usage.jsonl")
+    return SqliteLedger(settings.ledger_path or "quota.sqlite3")
 
 
 class RedisLedger:
     def __init__(
-        self, client: aioredis.Redis, *, hash_tag: str = "tollgate", dedupe_seconds: float = DEFAULT_DEDUPE_SECONDS
+        self, client: aioredis.Redis, *, hash_tag: str = "tollgate", dedupe_seconds: float = DEFAULT_DEDUPE_SECONDS,
+        owns_client: bool = True,
     ) -> None:
         self._client = client
+        self._owns_client = owns_client  # False when the quota store shares (and closes) the client
         self._stream = f"{{{hash_tag}}}:usage"
         self._seen = f"{{{hash_tag}}}:usage:seen"
         self._dedupe_ms = int(dedupe_seconds * 1000)
@@ -197,60 +187,57 @@ class RedisLedger:
             low = "(" + eid
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()
 
 
-class FileLedger:
-    """Append-only JSON lines; a torn last line (a crash mid-write) is skipped when read."""
+class SqliteLedger:
+    """The ledger table of an embedded state file.
 
-    def __init__(
-        self, path: str | os.PathLike[str], *, clock: Clock = SYSTEM_CLOCK,
-        dedupe_seconds: float = DEFAULT_DEDUPE_SECONDS,
-    ) -> None:
+    With ``writer`` (the running store's ``StateFile``) appends go through
+    the store's one writer thread; without it (``tollgate spend`` beside a
+    running gateway) the ledger is read-only: WAL mode lets it read while the
+    gateway writes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, writer: StateFile | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self._path = Path(path)
+        self._writer = writer
         self._clock = clock
-        self._dedupe = dedupe_seconds
-        self._lock = asyncio.Lock()
-        self._seen: dict[str, float] | None = None  # request id -> time, loaded on first append
 
     async def append(self, record: UsageRecord) -> bool:
-        async with self._lock:
-            now = self._clock.now()
-            if self._seen is None:
-                self._seen = {r.request_id: r.time async for r in self.records(since=now - self._dedupe)}
-            self._seen = {k: t for k, t in self._seen.items() if t >= now - self._dedupe}
-            if record.request_id in self._seen:
-                return False
-            line = json.dumps({**asdict(record), "time": now}, separators=(",", ":")) + "\n"
-            await asyncio.to_thread(self._write, line)
-            self._seen[record.request_id] = now
-            return True
-
-    def _write(self, line: str) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        if self._writer is None:
+            raise QuotaUnavailable(f"the ledger {self._path} is open read-only")
+        self._writer.record(replace(record, time=self._clock.now()))
+        return await self._writer.waiter(answers_last_record=True)
 
     async def records(self, *, since: float, until: float | None = None) -> AsyncIterator[UsageRecord]:
-        for r in await asyncio.to_thread(self._read):
-            if r.time >= since and (until is None or r.time < until):
-                yield r
+        if self._writer is not None:
+            self._writer.flush()  # what this process settled a moment ago is part of the answer
+        for r in await asyncio.to_thread(self._read, since, until):
+            yield r
 
-    def _read(self) -> list[UsageRecord]:
-        try:
-            text = self._path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+    def _read(self, since: float, until: float | None) -> list[UsageRecord]:
+        if not self._path.exists():
             return []
-        out = []
-        for line in text.splitlines():
+        db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True)
+        try:
+            db.execute("pragma busy_timeout=5000")
+            sql = f"select {', '.join(LEDGER_COLUMNS)} from ledger where time >= ?"
+            args: list[float] = [since]
+            if until is not None:
+                sql += " and time < ?"
+                args.append(until)
             try:
-                d = json.loads(line)
-                out.append(UsageRecord.from_fields(d, float(d["time"])))
-            except (ValueError, KeyError, TypeError):
-                continue
-        return out
+                rows = db.execute(sql + " order by time, seq", args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return []
+                raise
+        finally:
+            db.close()
+        return [UsageRecord(**dict(zip(LEDGER_COLUMNS, row, strict=True))) for row in rows]
 
     async def close(self) -> None:
         return None

@@ -19,7 +19,7 @@ from typing import Literal
 
 from extproc.errors import QuotaExceeded
 
-Kind = Literal["tokens", "money"]
+Kind = Literal["tokens", "requests", "money"]
 Period = Literal["minute", "day", "month"]
 MICROS_PER_USD = 1_000_000
 MAX_TOKENS = 10_000_000_000  # per bucket: keeps the store's integer arithmetic exact in Lua's doubles
@@ -54,8 +54,9 @@ class Budget:
 @dataclass(frozen=True, slots=True)
 class ScopeLimits:
     scope: str
-    bucket: TokenBucket | None = None
+    bucket: TokenBucket | None = None  # tokens per minute
     budgets: tuple[Budget, ...] = ()
+    requests: TokenBucket | None = None  # requests per minute (one per request, never given back)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class LimitState:
     scope: str
     kind: Kind
     period: Period
-    limit: int  # tokens (the burst) or micro-dollars
+    limit: int  # tokens or requests (the burst) or micro-dollars
     remaining: int  # may be negative after a settle charged more than was reserved
     reset_seconds: float  # tokens: until the bucket is full; money: until the period ends
 
@@ -108,7 +109,7 @@ class Rejection:
 
     @property
     def code(self) -> str:
-        return "rate_limit_exceeded" if self.kind == "tokens" else "insufficient_quota"
+        return "insufficient_quota" if self.kind == "money" else "rate_limit_exceeded"
 
     def message(self) -> str:
         if self.reason:
@@ -116,8 +117,8 @@ class Rejection:
         if self.kind == "tokens" and self.never_fits:
             return (f"request too large for {self.scope}: it needs {self.requested} tokens and the limit is "
                     f"{self.limit} tokens per minute; reduce the prompt or max_tokens")
-        if self.kind == "tokens":
-            return (f"rate limit reached for {self.scope}: limit {self.limit} tokens per minute, remaining "
+        if self.kind in ("tokens", "requests"):
+            return (f"rate limit reached for {self.scope}: limit {self.limit} {self.kind} per minute, remaining "
                     f"{max(self.remaining, 0)}, requested {self.requested}; try again in {self.retry_after}s")
         return (f"budget exhausted for {self.scope}: the {self.period}ly budget is {usd(self.limit)}, "
                 f"{usd(max(self.remaining, 0))} is left and this request may cost up to {usd(self.requested)}; "
@@ -158,16 +159,19 @@ def usd(micro: int) -> str:
 
 
 def ratelimit_headers(states: tuple[LimitState, ...]) -> dict[str, str]:
-    """OpenAI-style ``x-ratelimit-*-tokens`` for the tightest token bucket."""
-    tokens = [s for s in states if s.kind == "tokens"]
-    if not tokens:
-        return {}
-    tight = min(tokens, key=lambda s: (s.remaining, -s.reset_seconds))
-    return {
-        "x-ratelimit-limit-tokens": str(tight.limit),
-        "x-ratelimit-remaining-tokens": str(max(tight.remaining, 0)),
-        "x-ratelimit-reset-tokens": format_reset(tight.reset_seconds),
-    }
+    """OpenAI-style ``x-ratelimit-*-tokens`` (and ``-requests``) for the tightest bucket of each kind."""
+    out: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        of_kind = [s for s in states if s.kind == kind]
+        if not of_kind:
+            continue
+        tight = min(of_kind, key=lambda s: (s.remaining, -s.reset_seconds))
+        out |= {
+            f"x-ratelimit-limit-{kind}": str(tight.limit),
+            f"x-ratelimit-remaining-{kind}": str(max(tight.remaining, 0)),
+            f"x-ratelimit-reset-{kind}": format_reset(tight.reset_seconds),
+        }
+    return out
 
 
 def format_reset(seconds: float) -> str:

@@ -39,6 +39,7 @@ def scaled(scopes: tuple[ScopeLimits, ...], replicas: int) -> tuple[ScopeLimits,
             s.scope,
             TokenBucket(share(s.bucket.per_minute), share(s.bucket.burst)) if s.bucket else None,
             tuple(Budget(b.period, b.limit_micro_usd // replicas) for b in s.budgets),
+            TokenBucket(share(s.requests.per_minute), share(s.requests.burst)) if s.requests else None,
         )
         for s in scopes
     )
@@ -51,4 +52,4 @@ def _lookup(table: Mapping[str, LimitSpec], name: str | None) -> LimitSpec | Non
 
 
 def _scope(name: str, spec: LimitSpec) -> ScopeLimits:
-    return ScopeLimits(name, spec.bucket, spec.budgets)
+    return ScopeLimits(name, spec.bucket, spec.budgets, spec.requests)

@@ -18,6 +18,7 @@ can share a cluster with a tag each (``hash_tag`` in the config).
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from extproc.quota import calendar
 from extproc.quota.clock import SYSTEM_CLOCK, Clock
 from extproc.quota.limits import Kind, LimitState, Period, Rejection, Reservation, ScopeLimits, Settlement
+from extproc.quota.records import UsageRecord
 from extproc.quota.store import (
     DEFAULT_RETENTION_SECONDS,
     QuotaUnavailable,
@@ -42,10 +44,11 @@ from extproc.quota.store import (
     budget_key,
     check_amounts,
     lease_gone,
+    requests_key,
 )
 
 Meta = tuple[str, Kind, Period]  # scope, kind, period of one check, in script order
-_IDEMPOTENT = ("reserve", "settle")  # safe to repeat with the same reservation id after a lost reply
+_IDEMPOTENT = ("reserve", "settle", "charge", "reap")  # safe to repeat with the same reservation id after a lost reply
 
 
 def lua_source(name: str, *, with_common: bool = True) -> str:
@@ -56,9 +59,10 @@ def lua_source(name: str, *, with_common: bool = True) -> str:
 
 
 def connect(
-    url: str, *, password: str | None = None, timeout: float = 0.25, max_connections: int = 64
+    url: str, *, password: str | None = None, timeout: float = 0.25, max_connections: int = 128,
+    pool_wait: float = 1.0,
 ) -> aioredis.Redis:
-    """A client sized for the request path: short timeouts and no retry loop.
+    """A client sized for the request path: short timeouts, no retry loop, a pool that waits.
 
     redis-py's default retries with backoff for seconds, far past Envoy's
     per-message timeout; a quota call that cannot finish quickly must fail
@@ -68,12 +72,19 @@ def connect(
     reserve or settle whose reply timed out is sent once more (same id: it
     cannot count twice), so a reply lost after the script ran does not refuse
     a request that was in fact admitted. Two tries stay under 0.6 s.
+
+    The pool is a ``BlockingConnectionPool``: past ``max_connections`` busy
+    connections a call waits up to ``pool_wait`` for one to come back instead
+    of failing at once ("Too many connections", a false store outage with
+    Redis healthy). A script runs in well under a millisecond, so a modest
+    pool serves hundreds of concurrent requests with short waits.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        max_connections=max_connections, health_check_interval=30,
+        max_connections=max_connections, timeout=pool_wait, health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 class RedisQuotaStore:
@@ -93,7 +104,8 @@ class RedisQuotaStore:
         self._tag = hash_tag
         self._clock = clock
         self._retention_ms = int(retention_seconds * 1000)
-        self._scripts = {op: client.register_script(lua_source(op)) for op in ("reserve", "top_up", "settle")}
+        self._scripts = {op: client.register_script(lua_source(op))
+                         for op in ("reserve", "top_up", "settle", "charge", "reap")}
 
     def key(self, suffix: str) -> str:
         return f"{{{self._tag}}}:{suffix}"
@@ -108,23 +120,13 @@ class RedisQuotaStore:
         *,
         lease_seconds: float,
         reservation_id: str | None = None,
+        record: UsageRecord | None = None,
     ) -> Reservation | Rejection:
         check_amounts(tokens, micro_usd)
         rid = reservation_id or uuid.uuid4().hex
         scopes = tuple(scopes)
-        keys, args, meta = self._base_keys(), list[Any](), list[Meta]()
-        now = self._clock.now()
-        for s in scopes:
-            if s.bucket is not None:
-                keys.append(self.key(bucket_key(s.scope)))
-                args += ["b", s.bucket.burst, s.bucket.per_minute]
-                meta.append((s.scope, "tokens", "minute"))
-            for b in s.budgets:
-                bounds = calendar.boundaries(b.period, self._tz, now)
-                keys += [self.key(budget_key(s.scope, b.period, start)) for start in bounds[:3]]
-                args += ["m", b.limit_micro_usd, *bounds]
-                meta.append((s.scope, "money", b.period))
-        head = [rid, tokens, micro_usd, _ms(lease_seconds), self._retention_ms, len(meta)]
+        keys, args, meta = self._new_checks(scopes)
+        head = [rid, tokens, micro_usd, _ms(lease_seconds), self._retention_ms, len(meta), _fields(record)]
         reply = await self._run("reserve", keys, head + args)
         return self._answer(reply, rid, scopes, meta)
 
@@ -139,12 +141,28 @@ class RedisQuotaStore:
             return lease_gone(reservation, tokens, _text(reply[1]))
         return self._answer(reply, reservation.id, reservation.scopes, meta)
 
-    async def settle(self, reservation: Reservation, actual_tokens: int, actual_micro_usd: int) -> Settlement:
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_micro_usd: int,
+        record: UsageRecord | None = None,
+    ) -> Settlement:
         check_amounts(actual_tokens, actual_micro_usd)
         keys, args, meta = self._charged(reservation, with_limits=False)
-        head = [reservation.id, actual_tokens, actual_micro_usd, self._retention_ms, len(meta)]
+        head = [reservation.id, actual_tokens, actual_micro_usd, self._retention_ms, len(meta), _fields(record)]
         outcome, dt, dm = await self._run("settle", keys, head + args)
         return Settlement(reservation.id, _text(outcome), int(dt), int(dm))  # type: ignore[arg-type]
+
+    async def charge(
+        self, scopes: Sequence[ScopeLimits], tokens: int, micro_usd: int, *, reservation_id: str,
+        record: UsageRecord | None = None,
+    ) -> Settlement:
+        check_amounts(tokens, micro_usd)
+        keys, args, meta = self._new_checks(tuple(scopes))
+        head = [reservation_id, tokens, micro_usd, self._retention_ms, len(meta), _fields(record)]
+        outcome, dt, dm = await self._run("charge", keys, head + args)
+        return Settlement(reservation_id, _text(outcome), int(dt), int(dm))  # type: ignore[arg-type]
+
+    async def reap(self, limit: int = 1000) -> int:
+        return int(await self._run("reap", self._base_keys(), [self._retention_ms, limit]))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -152,7 +170,29 @@ class RedisQuotaStore:
     # -- helpers
 
     def _base_keys(self) -> list[str]:
-        return [self.key("reservations"), self.key("leases"), self.key("closed")]
+        return [self.key("reservations"), self.key("leases"), self.key("closed"), self.key("usage"),
+                self.key("usage:seen")]
+
+    def _new_checks(self, scopes: tuple[ScopeLimits, ...]) -> tuple[list[str], list[Any], list[Meta]]:
+        """Keys and arguments for a new request: request buckets, token buckets, and each budget's
+        neighbouring periods by this sidecar's clock (the script charges the one holding Redis TIME)."""
+        keys, args, meta = self._base_keys(), list[Any](), list[Meta]()
+        now = self._clock.now()
+        for s in scopes:
+            if s.requests is not None:
+                keys.append(self.key(requests_key(s.scope)))
+                args += ["r", s.requests.burst, s.requests.per_minute]
+                meta.append((s.scope, "requests", "minute"))
+            if s.bucket is not None:
+                keys.append(self.key(bucket_key(s.scope)))
+                args += ["b", s.bucket.burst, s.bucket.per_minute]
+                meta.append((s.scope, "tokens", "minute"))
+            for b in s.budgets:
+                bounds = calendar.boundaries(b.period, self._tz, now)
+                keys += [self.key(budget_key(s.scope, b.period, start)) for start in bounds[:3]]
+                args += ["m", b.limit_micro_usd, *bounds]
+                meta.append((s.scope, "money", b.period))
+        return keys, args, meta
 
     def _charged(self, r: Reservation, *, with_limits: bool) -> tuple[list[str], list[Any], list[Meta]]:
         """Keys and arguments naming the buckets and the budget periods ``r`` was charged to."""
@@ -214,6 +254,13 @@ def _state(meta: Meta, raw: list[Any]) -> LimitState:
     scope, kind, period = meta
     _, limit, remaining, reset_ms = raw
     return LimitState(scope, kind, period, int(limit), int(remaining), int(reset_ms) / 1000)
+
+
+def _fields(record: UsageRecord | None) -> str:
+    """A record as the scripts take it: a JSON list of field, value, field, value..."""
+    if record is None:
+        return ""
+    return json.dumps([x for kv in record.to_fields().items() for x in kv], separators=(",", ":"))
 
 
 def _text(v: Any) -> str:

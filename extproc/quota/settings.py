@@ -16,14 +16,15 @@ Example::
       lease: 10m
       stream_slice_tokens: 256         # bound on overshoot per in-flight stream
       default_max_tokens: 4096         # reserved (and injected) when a client sets none
-      ledger: {path: /var/lib/tollgate/usage.jsonl}   # embedded mode; Redis uses a stream
+      ledger: {path: /var/lib/tollgate/quota.sqlite3} # embedded mode: budgets, holds and the ledger (SQLite)
+      redis_pool: {max_connections: 128, wait: 1s}     # Redis mode: a call waits this long for a connection
       prices: {my-deployment: {input: 2.5, output: 10, cached_input: 1.25}}
       default_price: {input: 15, output: 60}          # omit to refuse unpriced models
       context_windows: {my-deployment: 128000}        # tokens; adds to / overrides the shipped table
       limits:
         org: {usd_per_day: 2000}
         teams:
-          ml: {tokens_per_minute: 2000000, usd_per_day: 50}
+          ml: {tokens_per_minute: 2000000, requests_per_minute: 600, usd_per_day: 50}
         principals:
           "*": {tokens_per_minute: 200000, burst: 400000}
         aliases:
@@ -52,6 +53,7 @@ ANY = "*"  # a limit for every principal/team/alias without its own entry (each 
 class LimitSpec:
     bucket: TokenBucket | None = None
     budgets: tuple[Budget, ...] = ()
+    requests: TokenBucket | None = None  # requests_per_minute (burst = the rate: a minute's worth)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,9 @@ class QuotaSettings:
     lease_seconds: float = 600.0
     stream_slice_tokens: int = 256
     default_max_tokens: int = 4096
-    ledger_path: str | None = None
+    ledger_path: str | None = None  # embedded mode: the SQLite state file (budgets, holds, ledger)
+    redis_max_connections: int = 128
+    redis_pool_wait: float = 1.0
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))
     context_windows: Mapping[str, int] = field(default_factory=dict)
     org: LimitSpec | None = None
@@ -75,7 +79,7 @@ class QuotaSettings:
 
 
 _KEYS = {"store", "time_zone", "on_store_error", "replicas", "lease", "stream_slice_tokens",
-         "default_max_tokens", "ledger", "prices", "default_price", "context_windows", "limits"}
+         "default_max_tokens", "ledger", "redis_pool", "prices", "default_price", "context_windows", "limits"}
 
 
 def parse_quota(
@@ -109,6 +113,7 @@ def parse_quota(
         raise r.wrap(e) from None
     limits = r.mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
     ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path"})
+    pool = r.mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
     q = QuotaSettings(
         store=store, redis_url=redis_url if store == "redis" else None,
         hash_tag=_hash_tag(r, key_prefix, "redis.key_prefix"),
@@ -120,6 +125,9 @@ def parse_quota(
         default_max_tokens=r.integer(m.get("default_max_tokens"), f"{where}.default_max_tokens",
                                      d.default_max_tokens, 1, 1_000_000),
         ledger_path=r.string(ledger.get("path"), f"{where}.ledger.path"),
+        redis_max_connections=r.integer(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
+                                        d.redis_max_connections, 1, 10_000),
+        redis_pool_wait=r.duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, lo=0.001, hi=60),
         prices=prices,
         context_windows={str(k): r.integer(v, f"{where}.context_windows.{k}", 0, 1, 100_000_000)
                          for k, v in r.mapping(m.get("context_windows"), f"{where}.context_windows", None).items()},
@@ -131,7 +139,7 @@ def parse_quota(
     if models is not None:
         _check_priced(r, q.prices, models)
     if reader is not None and q.store == "memory" and q.ledger_path is None:  # part of a gateway config
-        return replace(q, ledger_path=r.state_path("usage.jsonl"))
+        return replace(q, ledger_path=r.state_path("quota.sqlite3"))
     if q.ledger_path:
         return replace(q, ledger_path=r.path(q.ledger_path))
     return q
@@ -152,21 +160,25 @@ def _limits(r: Reader, v: Any, where: str) -> dict[str, LimitSpec]:
 
 
 def _limit(r: Reader, v: Any, where: str) -> LimitSpec:
-    m = r.mapping(v, where, {"tokens_per_minute", "burst", "usd_per_day", "usd_per_month"})
+    m = r.mapping(v, where, {"tokens_per_minute", "burst", "requests_per_minute", "usd_per_day", "usd_per_month"})
     if not m:
-        raise r.fail(where, "give tokens_per_minute and/or usd_per_day / usd_per_month")
+        raise r.fail(where, "give tokens_per_minute, requests_per_minute and/or usd_per_day / usd_per_month")
     bucket = None
     if m.get("tokens_per_minute") is not None:
         rate = r.integer(m["tokens_per_minute"], f"{where}.tokens_per_minute", 0, 1, MAX_TOKENS)
         bucket = TokenBucket(rate, r.integer(m.get("burst"), f"{where}.burst", rate, 1, MAX_TOKENS))
     elif m.get("burst") is not None:
         raise r.fail(f"{where}.burst", "needs tokens_per_minute")
+    requests = None
+    if m.get("requests_per_minute") is not None:
+        rpm = r.integer(m["requests_per_minute"], f"{where}.requests_per_minute", 0, 1, MAX_TOKENS)
+        requests = TokenBucket(rpm, rpm)
     budgets: list[Budget] = []
     if m.get("usd_per_day") is not None:
         budgets.append(Budget("day", _usd(r, m["usd_per_day"], f"{where}.usd_per_day")))
     if m.get("usd_per_month") is not None:
         budgets.append(Budget("month", _usd(r, m["usd_per_month"], f"{where}.usd_per_month")))
-    return LimitSpec(bucket, tuple(budgets))
+    return LimitSpec(bucket, tuple(budgets), requests)
 
 
 def _usd(r: Reader, v: Any, where: str) -> int:

@@ -18,6 +18,13 @@ Semantics every implementation keeps (one test suite checks both):
   provider that used more than counted); the next reserve is then refused.
 - A store that cannot be reached raises ``QuotaUnavailable``; it never
   answers "allowed" by itself.
+- Money is never lost or invented: ``settle`` writes the request's usage
+  record to the ledger in the same atomic step as the budget change, and a
+  lease that expires writes the record the reserve carried (outcome
+  ``unknown``, amount = what the hold charged). A late settle replaces that
+  record. So the budget counters always equal the sum of the ledger.
+- Request buckets (``requests_per_minute``) take one per reserve and are
+  neither topped up nor given back.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Protocol
 
 from extproc.errors import GatewayError
 from extproc.quota.limits import Rejection, Reservation, ScopeLimits, Settlement
+from extproc.quota.records import UsageRecord
 
 DEFAULT_RETENTION_SECONDS = 24 * 3600  # settled/expired reservations are remembered this long
 
@@ -48,11 +56,13 @@ class QuotaStore(Protocol):
         *,
         lease_seconds: float,
         reservation_id: str | None = None,
+        record: UsageRecord | None = None,
     ) -> Reservation | Rejection:
         """Hold ``tokens`` and ``micro_usd`` in every scope, or refuse without holding anything.
 
         Reserving an id that is already reserved returns that reservation
-        unchanged (a retried call does not hold twice).
+        unchanged (a retried call does not hold twice). ``record`` is what the
+        ledger gets if the lease expires unsettled (``UsageRecord.expired``).
         """
 
     async def top_up(
@@ -64,8 +74,23 @@ class QuotaStore(Protocol):
         reservation whose lease expired or that was settled is refused too.
         """
 
-    async def settle(self, reservation: Reservation, actual_tokens: int, actual_micro_usd: int) -> Settlement:
-        """Replace what was reserved by what was used; at most once per reservation."""
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_micro_usd: int,
+        record: UsageRecord | None = None,
+    ) -> Settlement:
+        """Replace what was reserved by what was used, and append ``record`` to the ledger; at most once."""
+
+    async def charge(
+        self, scopes: Sequence[ScopeLimits], tokens: int, micro_usd: int, *, reservation_id: str,
+        record: UsageRecord | None = None,
+    ) -> Settlement:
+        """Add a request's usage to every scope without a limit check, and record it; once per id.
+
+        For what a sidecar admitted on its own while the store was down (fail_open).
+        """
+
+    async def reap(self) -> int:
+        """Expire the leases that ran out into their ``unknown`` records; how many (some may be left)."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -73,6 +98,10 @@ class QuotaStore(Protocol):
 
 def bucket_key(scope: str) -> str:
     return f"tb:{scope}"
+
+
+def requests_key(scope: str) -> str:
+    return f"rb:{scope}"
 
 
 def budget_key(scope: str, period: str, window_start_ms: int) -> str:

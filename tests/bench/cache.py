@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 
 from extproc.cache.embedder import DIMENSION, Embedder
 from extproc.cache.entry import Answer, Entry
-from extproc.cache.index import LocalIndex
+from extproc.cache.index import NPROBE, LocalIndex
 from extproc.cache.keys import Plan, plan
 from extproc.cache.pool import EmbedPool
 from extproc.cache.redis_store import RedisCacheStore
@@ -151,18 +151,41 @@ def faiss_100k(n: int = 100_000) -> list[str]:
     built = time.perf_counter() - t0
     python_bytes = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    faiss_bytes = n * DIMENSION * 4 + n * 8  # the flat index's floats and its id map
-    queries = unit_rows(300, seed=11)
-    times = []
-    for q in queries:
-        t = time.perf_counter()
-        index.search(scope, q, 4)
-        times.append(time.perf_counter() - t)
+    faiss_bytes = n * DIMENSION * 4 + n * 8  # the floats and the id map (the IVF keeps its ids in a hash map)
+
+    def near(i: int) -> np.ndarray:  # a paraphrase-like query: cosine ~0.95 to stored entry i
+        q = vectors[i] + 0.017 * np.random.default_rng(i).standard_normal(DIMENSION).astype(np.float32)
+        return q / np.linalg.norm(q)
+
+    def searched() -> tuple[list[float], float]:
+        times, found = [], 0
+        for i in range(0, n, n // 300):
+            q = near(i)
+            t = time.perf_counter()
+            c = index.search(scope, q, 4)
+            times.append(time.perf_counter() - t)
+            found += c[0].entry_id == f"e{i}"
+        return times, found / len(times)
+
+    flat, flat_found = searched()
+    t0 = time.perf_counter()
+    assert asyncio.run(index.rebuild(scope))
+    promoted = time.perf_counter() - t0
+    ivf, ivf_found = searched()
     per_entry = (python_bytes + faiss_bytes) / n
-    return ["## FAISS at 100,000 entries (one scope, IndexFlatIP, one OpenMP thread)", "",
+    return [f"## FAISS at 100,000 entries (one scope, one OpenMP thread): flat scan, then IVF (nprobe {NPROBE})", "",
+            "| measure | flat (before promotion) | IVF (shipped above 4,096 entries) | ratio | goal |",
+            "|---|---:|---:|---:|---|",
+            f"| search p50 | {pct(flat, 50) * 1e3:.2f} ms | {pct(ivf, 50) * 1e3:.2f} ms | "
+            f"{pct(flat, 50) / pct(ivf, 50):.0f}x | <= 2 ms |",
+            f"| search p99 | {pct(flat, 99) * 1e3:.2f} ms | {pct(ivf, 99) * 1e3:.2f} ms | "
+            f"{pct(flat, 99) / pct(ivf, 99):.0f}x | |",
+            f"| a paraphrase-like query (cosine ~0.95) finds its entry first | {flat_found:.1%} | {ivf_found:.1%} | | |",
+            "",
             "| measure | value | goal |", "|---|---:|---|",
-            f"| search p50 / p99 | {pct(times, 50) * 1e3:.2f} / {pct(times, 99) * 1e3:.2f} ms | <= 2 ms |",
-            f"| index build (100k adds; guard features come later, per candidate) | {built:.1f} s | |",
+            f"| index build (100k adds to the flat partition; guard features come later, per candidate) | {built:.1f} s | |",
+            f"| promotion to IVF (k-means + 100k adds, in a worker thread; the flat partition serves meanwhile) | "
+            f"{promoted:.1f} s | |",
             f"| local memory per entry (vector {DIMENSION * 4} B + id + guard features and bookkeeping) | "
             f"{per_entry:,.0f} B | stated |", ""], per_entry
 

@@ -12,7 +12,8 @@
 3. Detection: recall per kind on generated valid values, false positives on near-misses and
    ordinary prompts (tests/guardrails/corpus.py), and injection detection per public source when
    the assembled sets are present (``--sets``, default /work/data/guardrails; not in the repo, see
-   the README for provenance).
+   the README for provenance), on two halves split by a hash of the text (dev, held-out).
+   ``--scans-only`` re-runs 2 and 3 and keeps the throughput sections of ``--out``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from extproc.guardrails.engine import Engine, Redactor
+from extproc.guardrails.injection import injections
 from extproc.guardrails.settings import GuardrailSettings, Policy, parse_guardrails, score_settings
 from extproc.guardrails.stream import StreamGuard
 from tests.bench.run import (
@@ -172,6 +175,18 @@ def scan_costs(quick: bool) -> list[str]:
             unit, k = ("µs", 1e6) if size < 10000 else ("ms", 1e3)
             out.append(f"| scan a {size // 1024} KB {kind} prompt, {label} | {times[0] * k:.1f} {unit} | "
                        f"{statistics.median(times) * k:.1f} {unit} | {times[int(len(times) * 0.95)] * k:.1f} {unit} |")
+    for size, n in ((2048, 400 if quick else 2000), (200 * 1024, 10 if quick else 40)):
+        for kind in ("digit-heavy", "prose"):
+            text = _prompt(size) if kind == "digit-heavy" else (_PROSE * (size // len(_PROSE) + 1))[:size]
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                list(injections(text))
+                times.append(time.perf_counter() - t)
+            times.sort()
+            unit, k = ("µs", 1e6) if size < 10000 else ("ms", 1e3)
+            out.append(f"| injection heuristics alone, {size // 1024} KB {kind} prompt | {times[0] * k:.1f} {unit} | "
+                       f"{statistics.median(times) * k:.1f} {unit} | {times[int(len(times) * 0.95)] * k:.1f} {unit} |")
     engine = Engine(score_settings())
     policy = GuardrailSettings(policy=Policy(rules=REDACT_POLICY["rules"])).policy
     words = ("The deployment finished and every service reported healthy; next we rotate the logs and check "
@@ -204,22 +219,34 @@ def detection(sets: Path) -> list[str]:
     path = sets / "injection_public.jsonl"
     if not path.exists():
         return out + ["", f"(public injection sets not found at {path}: skipped)"]
-    by: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0])
+    return out + [""] + public_injection(path, engine, s)
+
+
+def public_injection(path: Path, engine: Engine, s: GuardrailSettings) -> list[str]:
+    """Per source, on two halves split by a hash of the text: the heuristics were tuned on the first (dev)
+    only, so the second (held-out) is the honest figure."""
+    by: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # dev n, dev hit, held n, held hit
     for line in path.read_text().splitlines():
         d = json.loads(line)
         hit = any(f.kind == "injection" for f in engine.scan(d["text"], s.policy, role="user"))
+        half = 2 * (zlib.crc32(d["text"].encode()) % 2)
         b = by[(d["source"], d["label"])]
-        b[0] += 1
-        b[1] += hit
-    out += ["", "| public source | label | n | fired |", "|---|---:|---:|---:|"]
-    tot = {0: [0, 0], 1: [0, 0]}
-    for (src, label), (n, hit) in sorted(by.items()):
-        out.append(f"| {src} | {label} | {n} | {hit / n:.3f} |")
-        tot[label][0] += n
-        tot[label][1] += hit
-    out.append(f"| **all attacks (detection)** | 1 | {tot[1][0]} | {tot[1][1] / max(1, tot[1][0]):.3f} |")
-    out.append(f"| **all ordinary prompts (false positives)** | 0 | {tot[0][0]} | {tot[0][1] / max(1, tot[0][0]):.4f} |")
+        b[half] += 1
+        b[half + 1] += hit
+    out = ["| public source | label | n dev | fired dev | n held-out | fired held-out |",
+           "|---|---:|---:|---:|---:|---:|"]
+    tot = {0: [0, 0, 0, 0], 1: [0, 0, 0, 0]}
+    for (src, label), b in sorted(by.items()):
+        out.append(f"| {src} | {label} | {b[0]} | {_rate(b[1], b[0])} | {b[2]} | {_rate(b[3], b[2])} |")
+        tot[label] = [x + y for x, y in zip(tot[label], b, strict=True)]
+    for label, name in ((1, "all attacks (detection)"), (0, "all ordinary prompts (false positives)")):
+        t = tot[label]
+        out.append(f"| **{name}** | {label} | {t[0]} | {_rate(t[1], t[0], 4)} | {t[2]} | {_rate(t[3], t[2], 4)} |")
     return out
+
+
+def _rate(hit: int, n: int, digits: int = 3) -> str:
+    return f"{hit / n:.{digits}f}" if n else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sets", type=Path, default=Path("/work/data/guardrails"))
+    ap.add_argument("--scans-only", action="store_true",
+                    help="re-run scan cost and detection only; keep the throughput sections of --out as they are")
     args = ap.parse_args(argv)
+    if args.scans_only:
+        kept = args.out.read_text().split("## Scan cost")[0] if args.out.exists() else ""
+        text = kept + "\n".join(["## Scan cost", "", f"(re-run {time.strftime('%Y-%m-%d %H:%M:%S %Z')})", "",
+                                *scan_costs(args.quick), "", "## Detection", "", *detection(args.sets)]) + "\n"
+        args.out.write_text(text)
+        print(text)
+        return 0
     seconds, rounds = (2.0, 2) if args.quick else (4.0, 3)
     facts = machine_facts(ensure_wrk())
     lines = ["# Guardrails: cost and detection (`python -m tests.bench.guardrails`)", "",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from extproc.quota.calendar import zone
 from extproc.quota.limits import Budget, ScopeLimits, TokenBucket
-from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.memory_store import MemoryQuotaStore, open_embedded
 from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.store import QuotaStore
 from extproc.quota.tokenizer import Tokenizer
@@ -52,6 +52,24 @@ async def store_latency(store: QuotaStore, n: int) -> tuple[list[float], list[fl
     return reserve, settle
 
 
+async def store_concurrent(store: QuotaStore, n: int, callers: int) -> tuple[list[float], list[float]]:
+    """``callers`` requests at a time: what a reserve waits when its commit is shared with others."""
+    reserve: list[float] = []
+    settle: list[float] = []
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        r = await store.reserve(SCOPES, 1500, 5000, lease_seconds=600)
+        t1 = time.perf_counter()
+        await store.settle(r, 1200, 4000)  # type: ignore[arg-type]
+        reserve.append(t1 - t0)
+        settle.append(time.perf_counter() - t1)
+
+    for _ in range(n // callers):
+        await asyncio.gather(*(one() for _ in range(callers)))
+    return reserve, settle
+
+
 def counting() -> list[tuple[str, float]]:
     tok = Tokenizer()
     sentence = "The gateway counts tokens locally before it routes the request to a provider. "
@@ -75,7 +93,17 @@ async def main() -> str:
     mem = MemoryQuotaStore(tz=tz)
     await store_latency(mem, 200)
     r, s = await store_latency(mem, n)
-    rows.append(("embedded (memory)", r, s))
+    rows.append(("memory only (the fail-open stand-in)", r, s))
+    r, s = await store_concurrent(mem, n, 32)
+    rows.append(("memory only, 32 callers at once", r, s))
+    with tempfile.TemporaryDirectory() as d:
+        embedded, _ = open_embedded(str(Path(d) / "quota.sqlite3"), tz=tz)
+        await store_latency(embedded, 200)
+        r, s = await store_latency(embedded, n)
+        rows.append(("embedded (SQLite state file)", r, s))
+        r, s = await store_concurrent(embedded, n, 32)
+        rows.append(("embedded, 32 callers at once", r, s))
+        await embedded.close()
     with tempfile.TemporaryDirectory() as d, RedisProcess(Path(d)) as redis:
         client = connect(redis.url)
         store = RedisQuotaStore(client, tz=tz)

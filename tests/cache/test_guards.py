@@ -48,6 +48,16 @@ def test_no_guard_objects_to_a_paraphrase(pair):
     ("Convert celsius to fahrenheit", "Convert fahrenheit to celsius", "order"),
     ("Move the file to backup", "Move the file into backup", None),  # to / into: one marker
     ("Ship it to Berlin", "Ship it from Berlin", "order"),
+    ("Is tea good for sleep?", "Is tea bad for sleep?", "opposite"),
+    ("The cat chased the mouse, why?", "The mouse chased the cat, why?", "order"),  # roles traded
+    ("What is the tallest mountain?", "Which mountain is the tallest?", None),  # neighbours reworded
+    ("How does one deal with stress?", "How do I deal with stress?", None),  # "one" the pronoun
+    ("Buy one ticket to Oslo", "Buy two tickets to Oslo", "number"),  # "one" the count
+    ("Is Pokémon Go out in India?", "Is Pokemon Go out in India?", None),  # accents fold
+    ("How to prepare for IIT-JEE 2017", "How to prepare for IIT JEE 2017", None),  # a hyphen splits words
+    ("What is an ENTJ-A like?", "What is an ENTJ like?", "name"),  # a one-letter variant is a name
+    # A known miss, precision first: "and"/"or" are argument markers, so a reordered pair objects too.
+    ("Is it cheaper to buy or lease a car?", "Is it cheaper to lease or buy a car?", "order"),
 ])
 def test_each_guard(a, b, guard):
     assert objection(a, b) == guard

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.memory_store import MemoryQuotaStore, open_embedded
 from extproc.quota.redis_store import RedisQuotaStore
 from extproc.quota.store import QuotaStore
 from tests.quota.redis_process import RedisProcess
@@ -47,13 +48,27 @@ def redis_client(redis_server: RedisProcess, runner: asyncio.Runner) -> Iterator
 StoreFactory = Callable[..., QuotaStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
-def make_store(request: pytest.FixtureRequest) -> StoreFactory:
-    """Builds stores of one kind (keyword arguments go to the constructor)."""
+@pytest.fixture(params=["memory", "embedded", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path, runner: asyncio.Runner) -> Iterator[StoreFactory]:
+    """Builds stores of one kind (keyword arguments go to the constructor): in memory only, the
+    embedded store on its SQLite file, or a real Redis."""
     if request.param == "memory":
-        return lambda **kw: MemoryQuotaStore(tz=UTC, **kw)
+        yield lambda **kw: MemoryQuotaStore(tz=UTC, **kw)
+        return
+    if request.param == "embedded":
+        opened: list[MemoryQuotaStore] = []
+
+        def embedded(**kw: Any) -> QuotaStore:
+            store, _ = open_embedded(str(tmp_path / f"quota-{len(opened)}.sqlite3"), tz=UTC, **kw)
+            opened.append(store)
+            return store
+
+        yield embedded
+        for store in opened:
+            runner.run(store.close())
+        return
     client = request.getfixturevalue("redis_client")
-    return lambda **kw: RedisQuotaStore(client, tz=UTC, **kw)
+    yield lambda **kw: RedisQuotaStore(client, tz=UTC, **kw)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import yaml
 from extproc.errors import GatewayError
 from extproc.providers.base import Usage
 from extproc.quota.governor import Admission, Caller, Governor
-from extproc.quota.ledger import FileLedger, RedisLedger, totals
-from extproc.quota.memory_store import MemoryQuotaStore
+from extproc.quota.ledger import RedisLedger, SqliteLedger, totals
+from extproc.quota.memory_store import open_embedded
 from extproc.quota.policy import QuotaPolicy
 from extproc.quota.prices import UnpricedModel
 from extproc.quota.redis_store import RedisQuotaStore, connect
@@ -37,6 +38,7 @@ quota:
       "*": {tokens_per_minute: 200000, burst: 400000}
 """
 TOKENIZER = Tokenizer()
+_FILES = itertools.count()
 HELLO = {"model": "chat", "messages": [{"role": "user", "content": "hello world"}]}  # 9 prompt tokens on gpt-4o
 
 
@@ -47,9 +49,13 @@ def settings(**changes: object) -> QuotaSettings:
 
 
 def governor(tmp_path: Path, s: QuotaSettings | None = None, store: object = None) -> Governor:
+    """A governor on the embedded store (its SQLite file in ``tmp_path``), or on ``store`` if given."""
     s = s or settings()
-    return Governor(s, store=store or MemoryQuotaStore(tz=UTC), ledger=FileLedger(tmp_path / "usage.jsonl"),  # type: ignore[arg-type]
-                    tokenizer=TOKENIZER)
+    path = tmp_path / f"quota-{next(_FILES)}.sqlite3"  # a test may run several gateways, each its own file
+    if store is not None:
+        return Governor(s, store=store, ledger=SqliteLedger(path), tokenizer=TOKENIZER)  # type: ignore[arg-type]
+    embedded, _ = open_embedded(str(path), tz=UTC)
+    return Governor(s, store=embedded, ledger=SqliteLedger(path, writer=embedded.state_file), tokenizer=TOKENIZER)
 
 
 def caller(rid: str = "req-1", team: str = "ml") -> Caller:
@@ -205,7 +211,7 @@ async def test_an_unpriced_model_is_refused_before_anything_is_reserved(tmp_path
 async def test_a_store_outage_fails_closed_by_default(tmp_path: Path) -> None:
     dead = RedisQuotaStore(connect(f"redis://127.0.0.1:{free_port()}/0"), tz=UTC)
     seen: list[str] = []
-    g = Governor(settings(), store=dead, ledger=FileLedger(tmp_path / "usage.jsonl"), tokenizer=TOKENIZER,
+    g = Governor(settings(), store=dead, ledger=SqliteLedger(tmp_path / "quota.sqlite3"), tokenizer=TOKENIZER,
                  on_store_error=seen.append)
     with pytest.raises(QuotaUnavailable) as caught:
         await admit(g)

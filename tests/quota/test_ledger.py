@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.quota.ledger import FileLedger, Ledger, RedisLedger, UsageRecord, format_totals, parse_since, totals
+from extproc.quota.ledger import Ledger, RedisLedger, SqliteLedger, UsageRecord, format_totals, parse_since, totals
+from extproc.quota.memory_store import open_embedded
+from tests.quota.conftest import UTC
+from extproc.quota.store import QuotaUnavailable
 from tests.quota.redis_process import RedisProcess
 
 LedgerFactory = Callable[[], Ledger]
@@ -20,12 +24,17 @@ def record(rid: str, *, team: str = "ml", model: str = "gpt-4o", micro: int = 1_
     return UsageRecord(rid, principal, team, "chat", "openai", model, inp, out, cached, micro, "miss")
 
 
-@pytest.fixture(params=["file", "redis"])
-def make_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> LedgerFactory:
-    if request.param == "file":
-        return lambda: FileLedger(tmp_path / "usage.jsonl")
-    client = request.getfixturevalue("redis_client")
-    return lambda: RedisLedger(client)
+@pytest.fixture(params=["embedded", "redis"])
+def make_ledger(request: pytest.FixtureRequest, tmp_path: Path, runner: asyncio.Runner) -> Iterator[LedgerFactory]:
+    """Ledgers of one kind; the embedded one is the single writer of its state file, so it is shared."""
+    if request.param == "redis":
+        client = request.getfixturevalue("redis_client")
+        yield lambda: RedisLedger(client)
+        return
+    store, _ = open_embedded(str(tmp_path / "quota.sqlite3"), tz=UTC)
+    ledger = SqliteLedger(tmp_path / "quota.sqlite3", writer=store.state_file)
+    yield lambda: ledger
+    runner.run(store.close())
 
 
 async def test_records_are_summed_per_model_for_one_team(make_ledger: LedgerFactory) -> None:
@@ -73,12 +82,17 @@ def test_durations_for_since() -> None:
         parse_since("yesterday")
 
 
-async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
-    ledger = FileLedger(tmp_path / "usage.jsonl")
-    await ledger.append(record("whole"))
-    with open(tmp_path / "usage.jsonl", "a") as f:
-        f.write('{"request_id": "torn", "princ')
-    assert [r.request_id async for r in ledger.records(since=0)] == ["whole"]
+async def test_an_embedded_record_is_on_disk_once_append_returns_and_readable_beside_the_writer(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "quota.sqlite3"
+    store, _ = open_embedded(str(path), tz=UTC)
+    assert await SqliteLedger(path, writer=store.state_file).append(record("whole"))
+    reader = SqliteLedger(path)  # what `tollgate spend` opens while the gateway runs
+    assert [r.request_id async for r in reader.records(since=0)] == ["whole"]
+    with pytest.raises(QuotaUnavailable):
+        await reader.append(record("not-through-a-reader"))
+    await store.close()
 
 
 async def test_records_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
 from extproc.cli import main
-from extproc.quota.ledger import FileLedger, UsageRecord
+from extproc.quota.ledger import SqliteLedger, UsageRecord
+from extproc.quota.memory_store import open_embedded
+from tests.quota.conftest import UTC
 
 CONFIG = """
 providers: {openai: {type: openai, api_key: {env: OPENAI_API_KEY}}}
@@ -27,10 +30,11 @@ def record(rid: str, team: str, model: str, micro: int) -> UsageRecord:
 
 def test_spend_prints_a_teams_totals_by_model(tmp_path: Path, runner: asyncio.Runner,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    ledger_path = tmp_path / "usage.jsonl"
+    ledger_path = tmp_path / "quota.sqlite3"
     config = tmp_path / "gw.yaml"
     config.write_text(CONFIG.replace("LEDGER", str(ledger_path)))
-    ledger = FileLedger(ledger_path)
+    store, _ = open_embedded(str(ledger_path), tz=UTC)  # the gateway, still running while spend reads
+    ledger = SqliteLedger(ledger_path, writer=store.state_file)
     for r in (record("a", "ml", "gpt-4o", 1_250_000), record("b", "ml", "gpt-4o-mini", 40),
               record("c", "ml", "gpt-4o", 750_000), record("d", "research", "gpt-4o", 9_000_000)):
         runner.run(ledger.append(r))
@@ -38,9 +42,14 @@ def test_spend_prints_a_teams_totals_by_model(tmp_path: Path, runner: asyncio.Ru
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("spend of team ml since ") and out[0].endswith("(24h)")
     rows = {line.split()[0]: line.split()[1:] for line in out[2:]}
-    assert rows["gpt-4o"] == ["2", "200", "0", "40", "2.000000"]
-    assert rows["gpt-4o-mini"] == ["1", "100", "0", "20", "0.000040"]
-    assert rows["total"] == ["3", "300", "0", "60", "2.000040"]
+    assert rows["gpt-4o"] == ["2", "0", "200", "0", "40", "2.000000"]
+    assert rows["gpt-4o-mini"] == ["1", "0", "100", "0", "20", "0.000040"]
+    assert rows["total"] == ["3", "0", "300", "0", "60", "2.000040"]
+    assert main(["spend", "--config", str(config), "--team", "ml", "--by", "model", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["groups"]["gpt-4o"]["micro_usd"] == 2_000_000 and doc["total"]["micro_usd"] == 2_000_040
+    assert doc["total"]["requests"] == 3 and doc["by"] == "model"
+    runner.run(store.close())
     assert main(["spend", "--config", str(config), "--team", "nobody"]) == 0
     assert "no requests recorded" in capsys.readouterr().out
 

@@ -2,9 +2,16 @@
 -- each of reserve.lua, top_up.lua and settle.lua before loading it.
 --
 -- KEYS[1] reservations (hash: id -> record), KEYS[2] open leases (zset:
--- id by deadline), KEYS[3] closed reservations (zset: id by close time);
--- the keys after them belong to the limits being checked. All keys share one
--- hash tag, so the script is legal on Redis Cluster.
+-- id by deadline), KEYS[3] closed reservations (zset: id by close time),
+-- KEYS[4] the usage ledger (stream), KEYS[5] request ids recorded in the
+-- last day (zset by time, the ledger's dedupe); the keys after them belong to
+-- the limits being checked. All keys share one hash tag, so the script is
+-- legal on Redis Cluster.
+--
+-- The ledger is written here, in the same script as the budget change it
+-- explains: a settle appends the request's record, and a lease that expires
+-- appends the record its reserve carried (outcome unknown, amount = what it
+-- charged). A crash between two round trips cannot make them disagree.
 --
 -- Units (the same as memory_store.py): bucket levels in 1/60000 token, so a
 -- bucket of R tokens/min gains exactly R units per ms; money in micro-dollars;
@@ -13,7 +20,7 @@
 redis.replicate_commands()
 
 local UNIT = 60000
-local RES, LEASES, CLOSED = KEYS[1], KEYS[2], KEYS[3]
+local RES, LEASES, CLOSED, STREAM, SEEN = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local DAY_MS = 86400000
 
 local function now_ms()
@@ -36,7 +43,7 @@ local function load_record(id)
     windows[i] = tonumber(w)
   end
   return {s = r.s, t = tonumber(r.t), m = tonumber(r.m), d = tonumber(r.d),
-          dt = tonumber(r.dt), dm = tonumber(r.dm), w = windows}
+          dt = tonumber(r.dt), dm = tonumber(r.dm), w = windows, l = r.l, x = r.x}
 end
 
 local function save_record(id, r)
@@ -45,30 +52,72 @@ local function save_record(id, r)
     windows[i] = num(w)
   end
   redis.call('HSET', RES, id, cjson.encode({s = r.s, t = num(r.t), m = num(r.m), d = num(r.d),
-                                            dt = num(r.dt), dm = num(r.dm), w = windows}))
+                                            dt = num(r.dt), dm = num(r.dm), w = windows, l = r.l, x = r.x}))
+end
+
+-- Append a usage record (flat field/value list) unless `id` was recorded in
+-- the last day; returns the entry id, or false for a duplicate.
+local function append_record(id, fields, now)
+  redis.call('ZREMRANGEBYSCORE', SEEN, '-inf', now - DAY_MS)
+  if redis.call('ZSCORE', SEEN, id) then
+    return false
+  end
+  redis.call('ZADD', SEEN, now, id)
+  return redis.call('XADD', STREAM, '*', unpack(fields))
+end
+
+-- The record a reserve carried (JSON of field/value pairs), as written when
+-- its lease expires holding r.t tokens and r.m micro-dollars.
+local function expired_fields(r)
+  local f = cjson.decode(r.l)
+  local input = 0
+  for i = 1, #f, 2 do
+    if f[i] == 'input_tokens' then
+      input = tonumber(f[i + 1])
+    end
+  end
+  for i = 1, #f, 2 do
+    if f[i] == 'micro_usd' then
+      f[i + 1] = num(r.m)
+    elseif f[i] == 'output_tokens' then
+      f[i + 1] = num(math.max(0, r.t - input))
+    elseif f[i] == 'outcome' then
+      f[i + 1] = 'unknown'
+    end
+  end
+  return f
 end
 
 -- An open lease past its deadline turns into a charge of what it holds (which
--- is already deducted): only its state changes. Closed records are dropped
+-- is already deducted) and into its ledger record. Closed records are dropped
 -- after the retention period.
 local function expire(id, r, now)
   r.s = 'expired'
+  if r.l then
+    local entry = append_record(id, expired_fields(r), now)
+    if entry then
+      r.x = entry
+    end
+  end
   save_record(id, r)
   redis.call('ZREM', LEASES, id)
   redis.call('ZADD', CLOSED, now, id)
 end
 
-local function sweep(now, retention)
-  local due = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, 64)
+local function sweep(now, retention, limit)
+  limit = limit or 64
+  local due = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, limit)
+  local expired = 0
   for _, id in ipairs(due) do
     local r = load_record(id)
     if r and r.s == 'open' then
       expire(id, r, now)
+      expired = expired + 1
     else
       redis.call('ZREM', LEASES, id)
     end
   end
-  local old = redis.call('ZRANGEBYSCORE', CLOSED, '-inf', now - retention, 'LIMIT', 0, 64)
+  local old = redis.call('ZRANGEBYSCORE', CLOSED, '-inf', now - retention, 'LIMIT', 0, limit)
   for _, id in ipairs(old) do
     local r = load_record(id)
     if r and r.s ~= 'open' then
@@ -76,6 +125,7 @@ local function sweep(now, retention)
     end
     redis.call('ZREM', CLOSED, id)
   end
+  return expired
 end
 
 local function bucket_level(key, cap, rate, now)
@@ -106,16 +156,18 @@ local function bucket_store(key, level, cap, rate, now)
   redis.call('PEXPIRE', key, full_in + 60000)
 end
 
--- Checks are tables: {b = true, key, cap, rate} for a token bucket, or
+-- Checks are tables: {b = true, key, cap, rate} for a token bucket (with
+-- n = 1 for a request bucket: it takes one, whatever the tokens), or
 -- {key, limit, finish} for a budget period ending at `finish`.
 -- Returns the flat states (kind, limit, remaining, reset ms per check) and,
 -- if some check refuses, the worst refusal {index, retry ms, never fits, requested}.
 local function judge(checks, tokens, micro, now)
   local states, worst = {}, nil
-  local need = tokens * UNIT
   for i, c in ipairs(checks) do
     local refusal = nil
     if c.b then
+      local amount = c.n or tokens
+      local need = amount * UNIT
       local level = bucket_level(c.key, c.cap, c.rate, now)
       c.level = level
       if need <= level then
@@ -126,13 +178,13 @@ local function judge(checks, tokens, micro, now)
         if never then
           wait = c.cap - level
         end
-        refusal = {i, fill_ms(wait, c.rate), never and 1 or 0, tokens}
+        refusal = {i, fill_ms(wait, c.rate), never and 1 or 0, amount}
       end
       local reset = 0
       if level < c.cap then
         reset = fill_ms(c.cap - level, c.rate)
       end
-      table.insert(states, {'tokens', c.cap / UNIT, math.floor(level / UNIT), reset})
+      table.insert(states, {c.n and 'requests' or 'tokens', c.cap / UNIT, math.floor(level / UNIT), reset})
     else
       local spent = tonumber(redis.call('GET', c.key) or '0')
       local left = c.limit - spent
@@ -159,7 +211,7 @@ local function take(checks, tokens, micro, now, retention)
       if level == nil then
         level = bucket_level(c.key, c.cap, c.rate, now)
       end
-      level = level - tokens * UNIT
+      level = level - (c.n or tokens) * UNIT
       if level > c.cap then
         level = c.cap
       end
@@ -171,14 +223,14 @@ local function take(checks, tokens, micro, now, retention)
   end
 end
 
--- Checks from ARGV starting at `a` and KEYS starting at `k`: 'b', burst,
--- per_minute (one key) or 'm', limit, period end (one key).
+-- Checks from ARGV starting at `a` and KEYS starting at `k`: 'b' (or 'r' for
+-- requests), burst, per_minute (one key) or 'm', limit, period end (one key).
 local function parse_checks(n, a, k)
   local checks = {}
   for _ = 1, n do
-    if ARGV[a] == 'b' then
+    if ARGV[a] == 'b' or ARGV[a] == 'r' then
       table.insert(checks, {b = true, key = KEYS[k], cap = tonumber(ARGV[a + 1]) * UNIT,
-                            rate = tonumber(ARGV[a + 2])})
+                            rate = tonumber(ARGV[a + 2]), n = ARGV[a] == 'r' and 1 or nil})
       a = a + 3
     else
       table.insert(checks, {key = KEYS[k], limit = tonumber(ARGV[a + 1]), finish = tonumber(ARGV[a + 2])})
@@ -195,4 +247,38 @@ end
 
 local function reply_no(worst, states)
   return {'no', worst[1], worst[2], worst[3], worst[4], states}
+end
+
+-- Budget checks that choose their period: 'm', limit, b0, b1, b2, b3 with
+-- three keys (the previous, current and next calendar period as the caller's
+-- clock sees them); the period that holds Redis TIME is the one charged.
+-- Returns the checks and the chosen period starts, or nil on clock skew.
+local function parse_new_checks(n, a, k, now)
+  local checks, windows = {}, {}
+  for _ = 1, n do
+    if ARGV[a] == 'b' or ARGV[a] == 'r' then
+      table.insert(checks, {b = true, key = KEYS[k], cap = tonumber(ARGV[a + 1]) * UNIT,
+                            rate = tonumber(ARGV[a + 2]), n = ARGV[a] == 'r' and 1 or nil})
+      a, k = a + 3, k + 1
+    else
+      local chosen = nil
+      for i = 0, 2 do
+        local start, finish = tonumber(ARGV[a + 2 + i]), tonumber(ARGV[a + 3 + i])
+        if start <= now and now < finish then
+          chosen = {key = KEYS[k + i], limit = tonumber(ARGV[a + 1]), finish = finish}
+          table.insert(windows, start)
+        end
+      end
+      if chosen == nil then
+        return nil
+      end
+      table.insert(checks, chosen)
+      a, k = a + 6, k + 3
+    end
+  end
+  return checks, windows
+end
+
+local function skew()
+  return redis.error_reply('TOLLGATE_CLOCK_SKEW the caller clock is more than a period away from the store')
 end

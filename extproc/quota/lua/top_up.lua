@@ -17,7 +17,7 @@ if r.s ~= 'open' then
   return {'gone', r.s}
 end
 
-local checks = parse_checks(n, 7, 4)
+local checks = parse_checks(n, 7, 6)
 local states, worst = judge(checks, tokens, micro, now)
 if worst then
   return reply_no(worst, states)
