@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.pipeline.runtime import build_runtime
+from extproc.pipeline.runtime import attach_governor, build_runtime
+from extproc.quota.tokenizer import Tokenizer
 from extproc.config import GatewayConfig, environment
 from extproc.control.envoy_config import render_yaml
 from extproc.pipeline.server import drain, install_signal_handlers, start_server
@@ -114,22 +115,28 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
     its standard input before it binds its ports: the supervisor's spare,
     ready to take over within a fraction of a second.
     """
-    gw = build_runtime(cfg)
+    # The embedded quota store is one file with one writer: a standby opens it only once it takes over.
+    embedded_quota = cfg.quota is not None and not (cfg.quota.store == "redis" and cfg.redis is not None)
+    deferred = standby and embedded_quota
+    gw = build_runtime(cfg, defer_governor=deferred)
     rt = prepare_runtime(cfg, runtime_dir, write_envoy=False)
     if gw.auth is not None:
         await gw.auth.start()  # issuers' keys and the deny list, before the first request
     await gw.vault.start()  # Azure AD tokens, fetched and refreshed in the background
     if gw.cache is not None:
         await gw.cache.start()  # the FAISS index rebuilt from Redis, then kept up with its insert stream
-    if gw.governor is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
+    tokenizer = gw.governor.tokenizer if gw.governor is not None else Tokenizer() if deferred else None
+    if tokenizer is not None:  # load the encodings now (0.3-1.5 s each), not on the first request
         models = {a.targets[0].model for a in cfg.models.values()}
-        await asyncio.to_thread(gw.governor.tokenizer.warm, *models)
+        await asyncio.to_thread(tokenizer.warm, *models)
     if standby:
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the supervisor to handle
         log.info("ext_proc standby ready (pid %d)", os.getpid())
         if not await asyncio.to_thread(sys.stdin.readline):
             return 0  # the supervisor went away before needing us
         signal.signal(signal.SIGINT, interrupt)
+        if deferred:  # the server it replaces is dead, so the state file's lock is free
+            attach_governor(gw, tokenizer=tokenizer)
     demo = None
     if rt.demo_socket:
         from extproc.providers.demo import start_demo

@@ -27,6 +27,7 @@ from extproc.quota.governor import Governor
 from extproc.quota.limits import MICROS_PER_USD
 from extproc.quota.prices import DEFAULT_PRICES, PriceTable
 from extproc.quota.settings import ANY
+from extproc.quota.tokenizer import Tokenizer
 
 log = logging.getLogger("tollgate")
 
@@ -108,7 +109,9 @@ class Runtime:
             await self.governor.close()
 
 
-def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> Runtime:
+def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None, *, defer_governor: bool = False) -> Runtime:
+    """Everything the data path needs. ``defer_governor``: leave the quota governor for ``attach_governor``
+    (a standby must not open the embedded state file while the server it will replace holds it)."""
     env = environment() if env is None else env
     password = redis_password(config.redis, env)
     quota_teams = {t for t in config.quota.teams if t != ANY} if config.quota else set()
@@ -121,7 +124,7 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
         access_log=logging.getLogger("tollgate.access"),
         metrics=metrics,
         auth=build_authenticator(config, password),
-        governor=build_governor(config, password, metrics),
+        governor=None if defer_governor else build_governor(config, password, metrics),
         prices=config.quota.prices if config.quota else PriceTable(DEFAULT_PRICES),
         guardrails=Guardrails(config.guardrails, metrics.registry) if config.guardrails else None,
     )
@@ -131,10 +134,20 @@ def build_runtime(config: GatewayConfig, env: dict[str, str] | None = None) -> R
     return rt
 
 
-def build_governor(config: GatewayConfig, redis_password: str | None, metrics: Metrics) -> Governor | None:
+def attach_governor(rt: Runtime, *, tokenizer: Tokenizer | None = None) -> None:
+    """Open the quota store a deferred runtime left out, and hand its ledger to the cache."""
+    password = redis_password(rt.config.redis, environment())
+    rt.governor = build_governor(rt.config, password, rt.metrics, tokenizer=tokenizer)
+    if rt.cache is not None and rt.governor is not None:
+        rt.cache.ledger = rt.governor.ledger
+
+
+def build_governor(config: GatewayConfig, redis_password: str | None, metrics: Metrics,
+                   tokenizer: Tokenizer | None = None) -> Governor | None:
     q = config.quota
     if q is None:
         return None
     r = config.redis
     return build_quota_governor(q, redis_url=r.url if r is not None else None, redis_password=redis_password,
-                                on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error))
+                                on_store_error=lambda op: metrics.quota_store_error(op, q.on_store_error),
+                                tokenizer=tokenizer)
