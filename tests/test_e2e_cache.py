@@ -257,16 +257,17 @@ def test_no_cache_skips_the_lookup_and_no_store_skips_storing(world):
 def test_errors_and_tool_calls_are_never_stored(world):
     c = world.client()
     q1, q2 = unique("What is the weather in Oslo?"), unique("Call the weather tool for Bergen")
-    before = inserts(world)
     world.fake.behaviours.append(Behaviour(status=500))
     with pytest.raises(openai.InternalServerError):
         ask(c, q1)
     world.fake.behaviours.append(Behaviour(tool_call={"name": "weather", "arguments": {"city": "Bergen"}}))
     c.chat.completions.create(model="chat", messages=[{"role": "user", "content": q2}])
     time.sleep(0.3)
-    assert inserts(world) == before
-    _, h = ask(c, q1)
-    assert h["x-tollgate-cache"] == "miss"
+    # Asked again (now answered plainly), neither is found: nothing was stored for them. The insert count
+    # is not compared: a store from an earlier spec on this shared world may land in between.
+    for q in (q1, q2):
+        _, h = ask(c, q)
+        assert h["x-tollgate-cache"] == "miss", q
 
 
 def test_a_saturated_embedder_bypasses_the_lookup_and_never_delays_into_a_timeout(world):
