@@ -100,7 +100,7 @@ _PROSE = ("The quick brown fox jumps over the lazy dog while the gateway counts 
 
 async def _exchanges(guard: bool, requests: int, concurrency: int = 16) -> float:
     """Python CPU per exchange (the real servicer over a real gRPC stream, tests/inprocess.py), µs."""
-    from tests.inprocess import InProcessGateway, body_message, headers_message, request_headers
+    from tests.inprocess import InProcessGateway
 
     cfg: dict[str, Any] = {
         "providers": {"openai": {"type": "openai", "base_url": "https://api.openai.example/v1",
@@ -116,13 +116,7 @@ async def _exchanges(guard: bool, requests: int, concurrency: int = 16) -> float
     with tempfile.TemporaryDirectory() as state:
         async with InProcessGateway(cfg, {"XDG_STATE_HOME": state}) as gw:
             async def one(n: int) -> None:
-                s = gw.open()
-                await s.send(request_headers(request_id=f"r{n}"))
-                await s.send(body_message("request_body", body))
-                await s.send(headers_message("response_headers", {":status": "200", "content-type": "application/json",
-                                                                  "x-tollgate-target": "gpt#0"}))
-                await s.send(body_message("response_body", answer))
-                await s.close()
+                await gw.plain_exchange(f"r{n}", body, answer)
 
             async def worker(k: int, total: int) -> None:
                 for n in range(k, total, concurrency):

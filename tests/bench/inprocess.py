@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent.parent.parent
 
 
 async def _run(requests: int, concurrency: int, quota: bool) -> float:
-    from tests.inprocess import InProcessGateway, body_message, chat, headers_message, request_headers
+    from tests.inprocess import InProcessGateway, chat
 
     cfg = {
         "providers": {"openai": {"type": "openai", "base_url": "https://api.openai.example/v1",
@@ -47,13 +47,7 @@ async def _run(requests: int, concurrency: int, quota: bool) -> float:
     with tempfile.TemporaryDirectory() as state:
         async with InProcessGateway(cfg, {"XDG_STATE_HOME": state}) as gw:
             async def one(n: int) -> None:
-                s = gw.open()
-                await s.send(request_headers(request_id=f"r{n}"))
-                await s.send(body_message("request_body", body))
-                await s.send(headers_message("response_headers", {":status": "200", "content-type": "application/json",
-                                                                  "x-tollgate-target": "gpt#0"}))
-                await s.send(body_message("response_body", answer))
-                await s.close()
+                await gw.plain_exchange(f"r{n}", body, answer)
 
             async def worker(k: int) -> None:
                 for n in range(k, requests, concurrency):
