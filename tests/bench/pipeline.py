@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.run import (
-    CLIENT_KEY, KEY_ENV, PROVIDER_KEY, STREAM_CHUNKS, TOKEN_DELAY, StreamStats, Target, chat_body, check_once,
+    CLIENT_KEY, KEY_ENV, STREAM_CHUNKS, TOKEN_DELAY, StreamStats, Target, chat_body, check_once,
     comm, cpu_of, descendants, ensure_wrk, machine_facts, run_wrk, start_fake, stop_process, stream_batch,
     wrk_script,
 )
@@ -47,6 +47,7 @@ PEER_DIR = REPO.parent / "shared" / "peers" / "litellm"
 PEER_VENV = Path(os.environ.get("LITELLM_VENV", REPO / ".bench" / "litellm-venv"))
 PEER_KEY = "sk-peer-master-1234"
 PEER_MODEL = "gpt-4o-mini"
+UPSTREAM_KEY = "sk-upstream-openai-fake"  # the key the peer's config sends; every fake here expects it
 PLAIN, PACED = "bench-plain", "bench-stream"
 
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             paced = ["--chunks", str(STREAM_CHUNKS), "--token-delay", str(TOKEN_DELAY)]
             for kind in ("openai", "anthropic"):
                 for flavour, extra in (("plain", []), ("paced", paced)):
-                    p, port = start_fake(tmp, f"{kind}-{flavour}", ["--kind", kind, *extra])
+                    p, port = start_fake(tmp, f"{kind}-{flavour}", ["--kind", kind, "--api-key", UPSTREAM_KEY, *extra])
                     procs.append(p)
                     ports[f"{kind}-{flavour}"], pids[f"{kind}-{flavour}"] = port, p.pid
             cfgs, token = configs(ports, tmp, redis.url)
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, cfg in cfgs.items():
                 d = tmp / f"gw-{key}"
                 d.mkdir()
-                gw = Gateway(d, cfg, env={KEY_ENV: PROVIDER_KEY}).start()
+                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY}).start()
                 gateways.append(gw)
                 kind = "anthropic" if key == "anthropic" else "openai"
                 roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                             f"http://127.0.0.1:{peer_s_port}", PEER_KEY, PEER_MODEL, PEER_MODEL,
                                             {"litellm": peer_pids, "fake": [pids["openai-plain"], pids["openai-paced"]]}))
             direct = Subject("fake (direct)", f"http://127.0.0.1:{ports['openai-plain']}",
-                             f"http://127.0.0.1:{ports['openai-paced']}", PROVIDER_KEY, "gpt-4o-mini",
+                             f"http://127.0.0.1:{ports['openai-paced']}", UPSTREAM_KEY, "gpt-4o-mini",
                              "gpt-4o-mini", {"fake": [pids["openai-plain"], pids["openai-paced"]]})
             scripts: dict[str, Path] = {}
             for s in subjects:
