@@ -61,7 +61,7 @@ class Answer:
         self.min_rate = 0.0  # bytes per second a stream must keep up on average, once past ``grace``
         self.grace = 0.0
         self.usage: Usage | None = None  # the stream's usage so far, from the translator's latest result
-        self.content_seen = False  # a streamed chunk with generated content has passed
+        self.content_seen = False  # the translator's results have shown generated content
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -153,13 +153,14 @@ class Answer:
 
     def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
         res = tr.stream_chunk(body.body, body.end_of_stream)
+        first_before, self.content_seen = self.content_seen, res.first_content
         out = self._scrubbed_chunk(body.body, res.body)
         if self.guard is not None and not self.cut:
             guarded = self._guarded(ex, self.guard, body.body if out is None else out, body.end_of_stream)
             if not isinstance(guarded, bytes):
                 return guarded
             out = guarded
-        self._note_progress(ex, res)
+        self._note_progress(ex, res, first_before)
         if ex.cache_state is not None and self.gw.cache is not None:  # what the client gets, for storing
             self.gw.cache.seen(ex, out if out is not None else body.body, whole=False, end=body.end_of_stream)
         adm, produced = ex.admission, res.text
@@ -258,12 +259,11 @@ class Answer:
             return messages.stream_body(out)
         return messages.stream_body(self.writer.feed(raw if out is None else out, self.usage))
 
-    def _note_progress(self, ex: Exchange, res: ChunkResult) -> None:
+    def _note_progress(self, ex: Exchange, res: ChunkResult, first_before: bool) -> None:
         """What the translator saw up to this chunk, onto the exchange: token times, usage, failure, the model."""
         if res.first_content:
             now = time.monotonic()
-            if not self.content_seen:
-                self.content_seen = True
+            if not first_before:
                 ex.first_token_at = now
             ex.last_token_at = now
         ex.content_chunks = res.content_chunks
