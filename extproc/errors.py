@@ -22,6 +22,7 @@ ImmediateResponse in one place; nothing else builds error bodies.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -56,11 +57,18 @@ class GatewayError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+def error_object(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, the one builder behind every OpenAI error the gateway writes.
+
+    Whole bodies (``error_body``), in-band stream events (``sse.error_event``),
+    translated provider errors and Envoy's own local replies all start here, so
+    a client sees one shape whichever part of the gateway answered.
+    """
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}},
-        ensure_ascii=False,
-    ).encode()
+    return json.dumps(error_object(message, type, code, param), ensure_ascii=False).encode()
 
 
 # HTTP status -> Anthropic's error type (its Messages API names its errors by kind, not by code)
@@ -76,8 +84,12 @@ def anthropic_error_type(status: int) -> str:
 def anthropic_error_body(status: int, message: str) -> bytes:
     """The same error for a client of Anthropic's API (``POST /v1/messages``):
     ``{"type": "error", "error": {"type", "message"}}``."""
-    return json.dumps({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}},
-                      ensure_ascii=False).encode()
+    return json.dumps(anthropic_error_object(status, message), ensure_ascii=False).encode()
+
+
+def anthropic_error_object(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error shape (whole bodies and the ``error`` stream event), built here only."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
 
 
 class BadRequest(GatewayError):

@@ -26,7 +26,7 @@ except ImportError:
 from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest, UpstreamError
 from extproc.providers.anthropic import AnthropicTranslator
-from extproc.providers.base import Usage
+from extproc.providers.base import ChunkResult, Usage
 from extproc.providers.sse import SSEParser
 
 NOW = 1_750_000_000
@@ -35,8 +35,8 @@ TARGET = Target(provider="claude", model="claude-sonnet-4-5")
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
 
 
-def make(endpoint: str = "chat", provider: Provider = PROVIDER) -> AnthropicTranslator:
-    return AnthropicTranslator(provider, TARGET, endpoint, clock=lambda: NOW)
+def make(endpoint: str = "chat", provider: Provider = PROVIDER, meter_text: bool = False) -> AnthropicTranslator:
+    return AnthropicTranslator(provider, TARGET, endpoint, clock=lambda: NOW, meter_text=meter_text)
 
 
 def translate_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -324,8 +324,8 @@ TOOL_MESSAGE = {
 
 def translate_response(message: dict[str, Any], translator: AnthropicTranslator | None = None) -> dict[str, Any]:
     out = (translator or make()).response(200, json.dumps(message).encode())
-    assert out is not None
-    return json.loads(out)
+    assert out.body is not None
+    return json.loads(out.body)
 
 
 @pytest.mark.parametrize("message", [TEXT_MESSAGE, TOOL_MESSAGE], ids=["text", "tool_use"])
@@ -368,10 +368,9 @@ def test_translated_responses_parse_with_the_openai_sdk(message: dict[str, Any])
 
 
 def test_a_whole_response_records_usage_and_the_answering_model() -> None:
-    translator = make()
-    translate_response(TEXT_MESSAGE, translator)
-    assert translator.usage == Usage(prompt_tokens=2112, completion_tokens=9, cached_tokens=2000, cache_write_tokens=100)
-    assert translator.response_model == "claude-sonnet-4-5-20250929"
+    result = make().response(200, json.dumps(TEXT_MESSAGE).encode())
+    assert result.usage == Usage(prompt_tokens=2112, completion_tokens=9, cached_tokens=2000, cache_write_tokens=100)
+    assert result.model == "claude-sonnet-4-5-20250929"
 
 
 @pytest.mark.parametrize(("stop_reason", "finish_reason"), [
@@ -424,8 +423,8 @@ ERROR_CASES = [
 def test_errors_become_openai_errors(status: int, body: bytes, message: str, error_type: str,
                                      code: str | None) -> None:
     out = make().response(status, body)
-    assert out is not None
-    assert json.loads(out) == {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    assert out.body is not None and out.usage is None
+    assert json.loads(out.body) == {"error": {"message": message, "type": error_type, "param": None, "code": code}}
 
 
 def test_error_fixtures_are_valid_anthropic_errors() -> None:
@@ -521,15 +520,21 @@ BEFORE_STOP = TEXT_STREAM.index(b"event: message_stop")
 def feed(stream: bytes, cuts: list[int] | None = None,
          translator: AnthropicTranslator | None = None) -> bytes:
     """Feed ``stream`` cut at ``cuts`` (the last piece marks the end of stream); the joined output."""
+    return feed_results(stream, cuts, translator)[0]
+
+
+def feed_results(stream: bytes, cuts: list[int] | None = None,
+                 translator: AnthropicTranslator | None = None) -> tuple[bytes, list[ChunkResult]]:
+    """As ``feed``, with the translator's result for each piece."""
     if translator is None:
         translator = make()
         translator.request({"model": "my-alias", "messages": [user("hi")], "stream": True,
                             "stream_options": {"include_usage": True}}, b"")
     bounds = [0, *sorted(cuts or []), len(stream)]
     pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-    outputs = [translator.stream_chunk(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)]
-    assert all(isinstance(o, bytes) for o in outputs)
-    return b"".join(o for o in outputs if o)
+    results = [translator.stream_chunk(p, end_of_stream=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    assert all(isinstance(r.body, bytes) for r in results)
+    return b"".join(r.body for r in results if r.body), results
 
 
 def data_lines(output: bytes) -> list[str]:
@@ -614,30 +619,28 @@ def test_a_stream_fed_one_byte_at_a_time_translates_exactly_as_whole() -> None:
 
 def test_a_piece_that_completes_no_event_returns_empty_bytes() -> None:
     translator = make()
-    assert translator.stream_chunk(TEXT_STREAM[:10], end_of_stream=False) == b""
+    assert translator.stream_chunk(TEXT_STREAM[:10], end_of_stream=False).body == b""
 
 
 def test_progress_counts_content_chunks_and_the_clean_end() -> None:
-    translator = make()
-    feed(TOOL_STREAM, translator=translator)
+    last = feed_results(TOOL_STREAM, translator=make())[1][-1]
     # 1 text delta + 2 tool starts + 3 non-empty argument fragments; role and finish chunks carry no content
-    assert (translator.progress.first_content, translator.progress.content_chunks) == (True, 6)
-    assert (translator.progress.done, translator.progress.failed) == (True, False)
+    assert (last.first_content, last.content_chunks) == (True, 6)
+    assert (last.done, last.failed) == (True, False)
 
 
 def test_first_content_waits_for_generated_text() -> None:
     translator = make()
-    translator.stream_chunk(TEXT_STREAM[: TEXT_STREAM.index(b"event: content_block_delta")], end_of_stream=False)
-    assert not translator.progress.first_content
-    translator.stream_chunk(TEXT_STREAM[TEXT_STREAM.index(b"event: content_block_delta"):], end_of_stream=True)
-    assert translator.progress.first_content
+    head = translator.stream_chunk(TEXT_STREAM[: TEXT_STREAM.index(b"event: content_block_delta")], False)
+    assert not head.first_content
+    rest = translator.stream_chunk(TEXT_STREAM[TEXT_STREAM.index(b"event: content_block_delta"):], True)
+    assert rest.first_content
 
 
 def test_stream_usage_counts_prompt_from_message_start_and_output_from_message_delta() -> None:
-    translator = make()
-    feed(TEXT_STREAM, translator=translator)
-    assert translator.usage == Usage(prompt_tokens=1825, completion_tokens=15, cached_tokens=1800)
-    assert translator.response_model == "claude-sonnet-4-5-20250929"
+    last = feed_results(TEXT_STREAM, translator=make())[1][-1]
+    assert last.usage == Usage(prompt_tokens=1825, completion_tokens=15, cached_tokens=1800)
+    assert last.model == "claude-sonnet-4-5-20250929"
 
 
 @pytest.mark.parametrize("cut", [
@@ -647,31 +650,32 @@ def test_stream_usage_counts_prompt_from_message_start_and_output_from_message_d
     pytest.param(len(TEXT_STREAM) - 1, id="before the last blank line"),
 ])
 def test_a_truncated_stream_ends_with_an_error_event_and_no_done(cut: int) -> None:
-    translator = make()
-    lines = data_lines(feed(TEXT_STREAM[:cut], translator=translator))
+    output, results = feed_results(TEXT_STREAM[:cut], translator=make())
+    lines = data_lines(output)
     assert "[DONE]" not in lines
     assert json.loads(lines[-1]) == {"error": {"message": "upstream stream ended before completion",
                                                "type": "api_error", "param": None, "code": "stream_interrupted"}}
-    assert (translator.progress.done, translator.progress.failed) == (False, True)
-    assert translator.usage is not None and translator.usage.prompt_tokens == 1825
+    assert (results[-1].done, results[-1].failed) == (False, True)
+    assert results[-1].usage is not None and results[-1].usage.prompt_tokens == 1825
 
 
 def test_a_mid_stream_error_event_is_forwarded_in_openai_shape_without_done() -> None:
-    translator = make()
-    lines = data_lines(feed(ERROR_STREAM, translator=translator))
+    output, results = feed_results(ERROR_STREAM, translator=make())
+    lines = data_lines(output)
     assert "[DONE]" not in lines
     assert json.loads(lines[-1]) == {"error": {"message": "Overloaded", "type": "api_error", "param": None,
                                                "code": "overloaded"}}
     assert sum("error" in json.loads(line) for line in lines) == 1  # no second error at end of stream
-    assert translator.progress.failed and not translator.progress.done
-    assert translator.progress.content_chunks == 3
+    assert results[-1].failed and not results[-1].done
+    assert results[-1].content_chunks == 3
 
 
 def test_nothing_is_forwarded_after_the_stream_has_ended() -> None:
     translator = make()
     feed(TEXT_STREAM, translator=translator)
-    assert translator.stream_chunk(ERROR_EVENT, end_of_stream=True) == b""
-    assert translator.progress.done and not translator.progress.failed
+    after = translator.stream_chunk(ERROR_EVENT, end_of_stream=True)
+    assert after.body == b""
+    assert after.done and not after.failed
 
 
 def test_a_malformed_event_fails_the_stream() -> None:
@@ -694,10 +698,10 @@ def openai_client(status: int, body: bytes, content_type: str) -> openai.OpenAI:
 def test_the_usage_chunk_is_sent_only_when_the_client_asked_for_it() -> None:
     translator = make()
     translator.request({"model": "my-alias", "messages": [user("hi")], "stream": True}, b"")
-    out = feed(TEXT_STREAM, translator=translator)
+    out, results = feed_results(TEXT_STREAM, translator=translator)
     assert all(c["choices"] for c in chunks(out))
     assert data_lines(out)[-1] == "[DONE]"
-    assert translator.usage is not None and translator.usage.completion_tokens > 0
+    assert results[-1].usage is not None and results[-1].usage.completion_tokens > 0
 
 
 def test_the_openai_sdk_reads_a_translated_stream() -> None:
@@ -716,7 +720,7 @@ def test_the_openai_sdk_raises_on_a_failed_stream(stream: bytes) -> None:
 
 
 def test_the_openai_sdk_reads_a_translated_error_by_status() -> None:
-    body = make().response(429, anthropic_error("rate_limit_error", "Slow down"))
+    body = make().response(429, anthropic_error("rate_limit_error", "Slow down")).body
     assert body is not None
     client = openai_client(429, body, "application/json")
     with pytest.raises(openai.RateLimitError) as raised:
@@ -727,16 +731,17 @@ def test_the_openai_sdk_reads_a_translated_error_by_status() -> None:
 
 @pytest.mark.parametrize("split", [None, 1, 7])
 def test_a_metered_stream_hands_over_exactly_its_generated_text(split: int | None) -> None:
-    translator = make()
+    translator = make(meter_text=True)
     translator.request({"model": "my-alias", "messages": [user("hi")], "stream": True,
                         "stream_options": {"include_usage": True}}, b"")
-    translator.progress.text = []
     cuts = list(range(split, len(TEXT_STREAM), split)) if split else []
-    assert feed(TEXT_STREAM, cuts, translator) == feed(TEXT_STREAM)  # metering changes nothing on the wire
-    assert "".join(translator.progress.text) == "Bonjour à tous ☀️, 東京から!\n"
-    tools = make()
+    output, results = feed_results(TEXT_STREAM, cuts, translator)
+    plain, plain_results = feed_results(TEXT_STREAM)
+    assert output == plain  # metering changes nothing on the wire
+    assert "".join(r.text for r in results) == "Bonjour à tous ☀️, 東京から!\n"
+    assert all(r.text == "" for r in plain_results)  # text is handed over only when asked for
+    tools = make(meter_text=True)
     tools.request(chat(user("weather?"), stream=True), b"")
-    tools.progress.text = []
-    feed(TOOL_STREAM, cuts, tools)
+    tool_results = feed_results(TOOL_STREAM, cuts, tools)[1]
     # text, then each tool's name and its arguments as they were streamed
-    assert "".join(tools.progress.text) == 'Let me check both.get_weather{"city": "Paris"}get_weather{"city":"Oslo"}'
+    assert "".join(r.text for r in tool_results) == 'Let me check both.get_weather{"city": "Paris"}get_weather{"city":"Oslo"}'

@@ -188,7 +188,7 @@ def test_through_an_anthropic_target_the_events_do_not_depend_on_where_the_provi
 
         def feed(piece: bytes, end: bool) -> bytes:
             out = tr.stream_chunk(piece, end)
-            return writer.feed(piece if out is None else out, tr.usage)
+            return writer.feed(piece if out.body is None else out.body, out.usage)
         return feed
 
     whole = fresh()(upstream, True)

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from extproc.config import Address, GatewayConfig
+from extproc.errors import error_object
 from extproc.providers.settings import ModelAlias, Provider
 from extproc.pipeline.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
 from extproc.pipeline.server import FILTER_METADATA_KEY
@@ -152,7 +153,7 @@ def _ms(seconds: float) -> str:
 
 
 def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
-    return {"json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}}
+    return {"json_format": error_object(message, type_, code)}
 
 
 def _local_reply(cfg: GatewayConfig) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from extproc.guardrails.stream import StreamGuard
 from extproc.providers.inbound_anthropic import EventWriter, answer_body, from_openai_error
 from extproc.pipeline.exchange import Exchange
 from extproc.providers import sse
-from extproc.providers.base import Translator
+from extproc.providers.base import ChunkResult, Translated, Translator, Usage
 from extproc.quota.governor import Admission
 from extproc.pipeline.upstream import REQUEST_ID_HEADER, RETRY_HEADER, TARGET_HEADER, parse_target_tag
 
@@ -41,7 +41,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 class Answer:
     __slots__ = ("gw", "translator", "streaming", "status", "cut", "guard", "reshape", "writer", "scrub", "invalid",
-                 "ended", "bytes", "since", "deadline", "min_rate", "grace")
+                 "ended", "bytes", "since", "deadline", "min_rate", "grace", "usage", "content_seen")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -60,6 +60,8 @@ class Answer:
         self.deadline = 0.0  # the whole answer must be done by then (monotonic)
         self.min_rate = 0.0  # bytes per second a stream must keep up on average, once past ``grace``
         self.grace = 0.0
+        self.usage: Usage | None = None  # the stream's usage so far, from the translator's latest result
+        self.content_seen = False  # the translator's results have shown generated content
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -101,7 +103,7 @@ class Answer:
             remove.append("content-length")
             self.streaming = ex.stream and self.invalid is None and status == 200
             if self.streaming:
-                self._stream_starts(ex, translator)
+                self._stream_starts(ex)
                 self._bounds(ex)
                 out["content-type"] = "text/event-stream"
                 mode = messages.STREAMED
@@ -122,11 +124,13 @@ class Answer:
             remove.append("content-length")
         return messages.cont("response_headers", set_headers=out, remove_headers=remove)
 
-    def _stream_starts(self, ex: Exchange, translator: Translator) -> None:
-        """A streamed answer begins: metering, the guardrails' window and the client's event writer set up."""
+    def _stream_starts(self, ex: Exchange) -> None:
+        """A streamed answer begins: the guardrails' window and the client's event writer set up.
+
+        Metering needs the generated text: the translator was made with
+        ``meter_text`` when the exchange holds an admission (``upstream.prepare``).
+        """
         ex.streamed = True
-        if ex.admission is not None:
-            translator.progress.text = []  # the translator now hands us the generated text
         if self.gw.guardrails is not None:
             self.guard = self.gw.guardrails.stream_guard(ex)
         if ex.inbound == "anthropic":
@@ -148,30 +152,28 @@ class Answer:
         return resp
 
     def _chunk(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> Reply | Coroutine[Any, Any, Reply]:
-        before = tr.progress.first_content
-        out = self._scrubbed_chunk(body.body, tr.stream_chunk(body.body, body.end_of_stream))
+        res = tr.stream_chunk(body.body, body.end_of_stream)
+        first_before, self.content_seen = self.content_seen, res.first_content
+        out = self._scrubbed_chunk(body.body, res.body)
         if self.guard is not None and not self.cut:
             guarded = self._guarded(ex, self.guard, body.body if out is None else out, body.end_of_stream)
             if not isinstance(guarded, bytes):
                 return guarded
             out = guarded
-        self._note_progress(ex, tr, first_before=before)
+        self._note_progress(ex, res, first_before)
         if ex.cache_state is not None and self.gw.cache is not None:  # what the client gets, for storing
             self.gw.cache.seen(ex, out if out is not None else body.body, whole=False, end=body.end_of_stream)
-        adm, produced = ex.admission, tr.progress.text
-        if not self.cut and (late := self._too_slow(tr, body)) is not None:
+        adm, produced = ex.admission, res.text
+        if not self.cut and (late := self._too_slow(res, body)) is not None:
             if adm is not None and produced:  # what this last chunk carries reaches the client: it counts
-                adm.count_output("".join(produced))
-                produced.clear()
+                adm.count_output(produced)
             return self._cut(ex, late, body.body if out is None else out)
         if adm is None or not produced:
             return messages.stream_body(b"") if self.cut else self._send(out, body.body)
-        text = "".join(produced)
-        produced.clear()
-        step = adm.count_output(text)
+        step = adm.count_output(produced)
         if self.cut:
             return messages.stream_body(b"")  # counted (the provider produced it), not sent
-        if step == "go" or tr.progress.done or tr.progress.failed or body.end_of_stream:
+        if step == "go" or res.done or res.failed or body.end_of_stream:
             return self._send(out, body.body)
         chunk = body.body if out is None else out
         if step == "stop":
@@ -184,7 +186,7 @@ class Answer:
         self.deadline = ex.received_at + alias.answer_timeout
         self.min_rate, self.grace = alias.min_bytes_per_second, alias.first_byte_timeout
 
-    def _too_slow(self, tr: Translator, body: messages.pb.HttpBody) -> GatewayError | None:
+    def _too_slow(self, res: ChunkResult, body: messages.pb.HttpBody) -> GatewayError | None:
         """The stream's time bounds: the whole-answer deadline, and the minimum average rate.
 
         Checked as each chunk arrives, so a trickling provider (a byte a
@@ -192,7 +194,7 @@ class Answer:
         error event; a silent one is Envoy's (``first_byte_timeout``).
         """
         self.bytes += len(body.body)
-        if body.end_of_stream or tr.progress.done or tr.progress.failed:
+        if body.end_of_stream or res.done or res.failed:
             return None
         now = time.monotonic()
         if now > self.deadline:
@@ -232,47 +234,47 @@ class Answer:
         self.gw.metrics.upstream_error(provider, 502)
         return UpstreamError(f"upstream {provider} answered {self.invalid}", code="invalid_upstream_response")
 
-    def _read_whole(self, ex: Exchange, tr: Translator, body: bytes) -> bytes | None:
+    def _read_whole(self, ex: Exchange, tr: Translator, body: bytes) -> Translated:
         """The translated whole answer, scrubbed; an unreadable 2xx raises the 502."""
         ok = 200 <= self.status < 300
         if ok and self.invalid is not None:
             raise self._invalid(ex, ex.provider or "?")
         try:
-            out = tr.response(self.status, body)
+            result = tr.response(self.status, body)
         except UpstreamError:
             if ok:
                 ex.last_attempt_status = 502
                 self.gw.metrics.upstream_error(ex.provider or "?", 502)
             raise
         if not self.scrub:
-            return out
+            return result
+        out = result.body
         data = body if out is None else out
         clean = self.scrub.exact(data) if ok else self.scrub.body(data)
-        return out if clean is data else clean
+        return result if clean is data else Translated(clean, result.usage, result.model)
 
     def _send(self, out: bytes | None, raw: bytes) -> messages.ProcessingResponse:
         """Pass a chunk on (``None``: as it came), as Anthropic's events for a client of that API."""
         if self.writer is None:
             return messages.stream_body(out)
-        usage = self.translator.usage if self.translator is not None else None
-        return messages.stream_body(self.writer.feed(raw if out is None else out, usage))
+        return messages.stream_body(self.writer.feed(raw if out is None else out, self.usage))
 
-    def _note_progress(self, ex: Exchange, tr: Translator, first_before: bool) -> None:
-        """What the translator saw in this chunk, onto the exchange: token times, usage, failure, the model."""
-        if tr.progress.first_content:
+    def _note_progress(self, ex: Exchange, res: ChunkResult, first_before: bool) -> None:
+        """What the translator saw up to this chunk, onto the exchange: token times, usage, failure, the model."""
+        if res.first_content:
             now = time.monotonic()
             if not first_before:
                 ex.first_token_at = now
             ex.last_token_at = now
-        ex.content_chunks = tr.progress.content_chunks
-        if tr.usage is not None:
-            ex.usage = tr.usage
-        if tr.progress.failed and not self.cut:
+        ex.content_chunks = res.content_chunks
+        if res.usage is not None:
+            ex.usage = self.usage = res.usage
+        if res.failed and not self.cut:
             ex.stream_failed = True
             ex.error = ex.error or "stream_interrupted"
-        ex.answer_complete = tr.progress.done
-        if tr.response_model:
-            ex.response_model = tr.response_model
+        ex.answer_complete = res.done
+        if res.model:
+            ex.response_model = res.model
 
     async def _top_up(self, ex: Exchange, adm: Admission, chunk: bytes) -> Reply:
         """Reserve the next slice before passing ``chunk`` on; refused: end the stream after it."""
@@ -306,22 +308,23 @@ class Answer:
         return out if rule is None else self._cut(ex, GuardrailViolation(rule, "answer"), b"")
 
     def _whole(self, ex: Exchange, tr: Translator, body: messages.pb.HttpBody) -> messages.ProcessingResponse:
-        out = self._read_whole(ex, tr, body.body)
+        result = self._read_whole(ex, tr, body.body)
+        out = result.body
         guard_headers = None
         if self.gw.guardrails is not None and 200 <= self.status < 300:
             out = self.gw.guardrails.check_answer(ex, body.body if out is None else out) or out
             if ex.guardrails is not None and ex.guardrails.header():
                 guard_headers = {"x-tollgate-guardrails": ex.guardrails.header()}
-        if tr.response_model:
-            ex.response_model = tr.response_model
+        if result.model:
+            ex.response_model = result.model
         if 200 <= self.status < 300:
             ex.first_token_at = ex.last_token_at = time.monotonic()
             ex.answer_complete = True
         else:
             ex.error = f"upstream_{self.status}"
         usage_headers = None
-        if tr.usage is not None:
-            ex.usage = u = tr.usage
+        if result.usage is not None:
+            ex.usage = u = result.usage
             # a buffered body still holds the response headers, so what it cost can go in them
             usage_headers = {
                 "x-tollgate-input-tokens": str(u.prompt_tokens),
@@ -336,7 +339,7 @@ class Answer:
         if guard_headers:
             usage_headers = {**(usage_headers or {}), **guard_headers}
         if ex.inbound == "anthropic":  # the client's shape, last: guardrails and cache read OpenAI's
-            out = answer_body(self.status, body.body if out is None else out, tr.usage, ex.alias)
+            out = answer_body(self.status, body.body if out is None else out, result.usage, ex.alias)
         return messages.cont("response_body", body=out, set_headers=usage_headers)
 
 

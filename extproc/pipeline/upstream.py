@@ -91,7 +91,7 @@ def prepare(gw: Runtime, ex: Exchange, index: int) -> Prepared:
     # another key of the same provider, after one was refused: none this request has tried
     tried = frozenset(k for p, k in ex.tried_keys if p == provider.name) if ex.retry == "key" else frozenset()
     auth, slot = gw.vault.credential(provider, tried)
-    translator = make_translator(provider, target, ex.endpoint)
+    translator = make_translator(provider, target, ex.endpoint, meter_text=ex.admission is not None)
     body = ex.body
     cap = ex.admission.output_cap if ex.admission is not None else None
     if cap is not None:

@@ -20,6 +20,8 @@ import uuid
 
 from aiohttp import web
 
+from extproc.errors import error_object
+
 _WORDS = re.compile(r"\w+|[^\w\s]")
 TOKEN_DELAY = 0.015
 
@@ -82,7 +84,7 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def _error(status: int, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    body = error_object(message, "invalid_request_error", None)
     return web.json_response(body, status=status)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from extproc.errors import BadRequest
 from extproc.errors import anthropic_error_body as error_body
-from extproc.errors import anthropic_error_type as error_type
+from extproc.errors import anthropic_error_object
 from extproc.providers import sse
 from extproc.providers.base import Usage
 
@@ -306,7 +306,7 @@ class EventWriter:
             err = obj["error"]
             status = 429 if err.get("code") in ("rate_limit_exceeded", "insufficient_quota") else 500
             message = err.get("message") if isinstance(err.get("message"), str) else "the stream failed"
-            body = {"type": "error", "error": {"type": error_type(status), "message": message}}
+            body = anthropic_error_object(status, message)
             out.append(sse.encode_json(body, "error"))
             self._finished = True
             return

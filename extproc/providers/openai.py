@@ -15,7 +15,7 @@ import json
 from extproc.providers.settings import Provider, Target
 from extproc.errors import BadRequest, UpstreamError, error_body
 from extproc.providers import sse
-from extproc.providers.base import StreamProgress, UpstreamRequest, Usage
+from extproc.providers.base import ChunkResult, Translated, UpstreamRequest, Usage, new_chunk_result
 
 _PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings"}
 
@@ -45,13 +45,17 @@ def _has_usage(data: str) -> bool:
 class OpenAITranslator:
     """OpenAI chat completions and embeddings, passed through."""
 
-    def __init__(self, provider: Provider, target: Target, endpoint: str) -> None:
+    def __init__(self, provider: Provider, target: Target, endpoint: str, *, meter_text: bool = False) -> None:
         self.provider = provider
         self.target = target
         self.endpoint = endpoint
-        self.usage: Usage | None = None
-        self.progress = StreamProgress()
-        self.response_model: str | None = None
+        self._usage: Usage | None = None
+        self._model: str | None = None
+        self._done = False  # [DONE] was seen
+        self._failed = False  # an error event, a broken protocol or an early end
+        self._first_content = False
+        self._content_chunks = 0
+        self._text: list[str] | None = [] if meter_text else None  # generated text, for metering
         self._parser: sse.SSEParser | None = None
         self._strip_usage = False
         self._closed = False  # the stream broke: nothing after that reaches the client
@@ -75,7 +79,7 @@ class OpenAITranslator:
         return UpstreamRequest(self.path(), {"content-type": "application/json"}, out)
 
     # -- whole responses
-    def response(self, status: int, body: bytes) -> bytes | None:
+    def response(self, status: int, body: bytes) -> Translated:
         try:
             obj = json.loads(body) if body else None
         except ValueError:
@@ -85,16 +89,15 @@ class OpenAITranslator:
             if not isinstance(obj, dict) or not isinstance(obj.get(expected), list):
                 raise invalid_answer(self.provider, f"HTTP {status} with a body that is not an OpenAI {self.endpoint} "
                                      "answer (not JSON, cut short, or without " + expected + ")")
-            self.usage = usage_from(obj)
             model = obj.get("model")
-            self.response_model = model if isinstance(model, str) else None
-            return None
+            return Translated(None, usage_from(obj), model if isinstance(model, str) else None)
         if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-            return None  # already OpenAI's error shape (the answer stage scrubs it)
-        return error_body(f"upstream {self.provider.name} answered HTTP {status}", "api_error", "upstream_error")
+            return Translated(None)  # already OpenAI's error shape (the answer stage scrubs it)
+        return Translated(error_body(f"upstream {self.provider.name} answered HTTP {status}", "api_error",
+                                     "upstream_error"))
 
     # -- streams
-    def stream_chunk(self, chunk: bytes, end_of_stream: bool) -> bytes | None:
+    def stream_chunk(self, chunk: bytes, end_of_stream: bool) -> ChunkResult:
         """Pass complete events on; a partial one is held until its end arrives.
 
         When the chunk ends on an event boundary and nothing was held (the
@@ -106,7 +109,7 @@ class OpenAITranslator:
         with an error event: the provider is not speaking this protocol.
         """
         if self._closed:
-            return b""
+            return self._result(b"")
         parser = self._parser or self._new_parser()
         rebuild = self._strip_usage or parser.pending
         events = parser.feed(chunk)
@@ -123,14 +126,23 @@ class OpenAITranslator:
             if rebuild and keep:
                 out.append(sse.encode(ev.data, ev.event))
         tail = b""
-        if end_of_stream and not self.progress.done and not self.progress.failed:
+        if end_of_stream and not self._done and not self._failed:
             tail = self._broken("ended the stream before it was complete")
         if not rebuild:
-            return chunk + tail if tail else None
-        return b"".join(out) + tail
+            return self._result(chunk + tail if tail else None)
+        return self._result(b"".join(out) + tail)
+
+    def _result(self, body: bytes | None) -> ChunkResult:
+        text = self._text
+        produced = ""
+        if text:
+            produced = "".join(text)
+            text.clear()
+        return new_chunk_result(ChunkResult, (body, self._usage, self._model, produced, self._done, self._failed,
+                                              self._first_content, self._content_chunks))
 
     def _broken(self, what: str) -> bytes:
-        self.progress.failed = True
+        self._failed = True
         self._closed = True
         return sse.error_event(f"upstream {self.provider.name} {what}", "api_error",
                                "stream_interrupted" if "ended" in what else "invalid_upstream_response")
@@ -143,14 +155,14 @@ class OpenAITranslator:
         """Read one event; returns whether the client should see it, None when it is not an OpenAI event."""
         data = ev.data
         if data == "[DONE]":
-            self.progress.done = True
+            self._done = True
             return True
-        metered = self.progress.text is not None  # metering needs the text: no shortcut then
-        if (self.progress.first_content and not metered and data[:1] == "{" and '"error"' not in data
+        metered = self._text is not None  # metering needs the text: no shortcut then
+        if (self._first_content and not metered and data[:1] == "{" and '"error"' not in data
                 and not _has_usage(data)):
             # the hot path once content flows: a substring test instead of a JSON parse per chunk
             if ('"content"' in data and '"content":null' not in data) or '"tool_calls"' in data:
-                self.progress.content_chunks += 1
+                self._content_chunks += 1
             return True
         try:
             obj = json.loads(data)
@@ -159,16 +171,16 @@ class OpenAITranslator:
         if not isinstance(obj, dict):
             return None
         if "error" in obj and "choices" not in obj:
-            self.progress.failed = True
+            self._failed = True
             return True
-        if self.response_model is None and isinstance(obj.get("model"), str):
-            self.response_model = obj["model"]
+        if self._model is None and isinstance(obj.get("model"), str):
+            self._model = obj["model"]
         choices = obj.get("choices") or []
         if choices:
             self._delta(choices[0].get("delta") or {})
         u = usage_from(obj)
         if u is not None:
-            self.usage = u
+            self._usage = u
             if self._strip_usage and not choices:
                 return False
         return True
@@ -176,9 +188,9 @@ class OpenAITranslator:
 
     def _delta(self, delta: dict) -> None:
         if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
-            self.progress.first_content = True
-            self.progress.content_chunks += 1
-            _collect(delta, self.progress.text)
+            self._first_content = True
+            self._content_chunks += 1
+            _collect(delta, self._text)
 
 
 def _collect(delta: dict, out: list[str] | None) -> None:

@@ -14,12 +14,12 @@ def supports(provider: Provider, endpoint: str) -> bool:
     return endpoint == "chat" or provider.type in _EMBEDDINGS
 
 
-def make_translator(provider: Provider, target: Target, endpoint: str) -> Translator:
-    """A fresh translator for one upstream attempt."""
+def make_translator(provider: Provider, target: Target, endpoint: str, *, meter_text: bool = False) -> Translator:
+    """A fresh translator for one upstream attempt; ``meter_text``: streamed results carry the generated text."""
     if provider.type == "anthropic":
         from extproc.providers.anthropic import AnthropicTranslator
 
-        return AnthropicTranslator(provider, target, endpoint)
+        return AnthropicTranslator(provider, target, endpoint, meter_text=meter_text)
     if provider.type == "azure_openai":
-        return AzureOpenAITranslator(provider, target, endpoint)
-    return OpenAITranslator(provider, target, endpoint)
+        return AzureOpenAITranslator(provider, target, endpoint, meter_text=meter_text)
+    return OpenAITranslator(provider, target, endpoint, meter_text=meter_text)

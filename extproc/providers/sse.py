@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from extproc.errors import error_object
+
 
 @dataclass(frozen=True, slots=True)
 class SSEEvent:
@@ -92,7 +94,7 @@ def encode_json(obj: object, event: str | None = None) -> bytes:
 
 def error_event(message: str, type: str = "api_error", code: str | None = "stream_interrupted") -> bytes:
     """The OpenAI-style error object sent in-band when a stream cannot finish."""
-    return encode_json({"error": {"message": message, "type": type, "param": None, "code": code}})
+    return encode_json(error_object(message, type, code))
 
 
 DONE = b"data: [DONE]\n\n"

@@ -82,11 +82,15 @@ class Answering:
 
     def chunk(self, data: bytes, end: bool) -> bytes | None:
         out = self.tr.stream_chunk(data, end)
-        return out if self.writer is None else self.writer.feed(data if out is None else out, self.tr.usage)
+        if self.writer is None:
+            return out.body
+        return self.writer.feed(data if out.body is None else out.body, out.usage)
 
     def whole(self, data: bytes) -> bytes | None:
         out = self.tr.response(200, data)
-        return out if self.writer is None else answer_body(200, data if out is None else out, self.tr.usage, "alias")
+        if self.writer is None:
+            return out.body
+        return answer_body(200, data if out.body is None else out.body, out.usage, "alias")
 
 
 def make(backend: str, inbound: bool) -> Callable[[], Answering]:
