@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     ext.add_argument("--config")
     ext.add_argument("--grace", type=float, default=10.0)
     ext.add_argument("--runtime-dir", help="where the demo backend's socket goes")
+    ext.add_argument("--worker", type=int, default=0,
+                     help="serve as worker N of extproc.workers (on that worker's address; default 0)")
     ext.add_argument("--standby", action="store_true",
                      help="start up, then wait for a line on standard input before serving (the supervisor's spare)")
     render = sub.add_parser("render-envoy", help="print the Envoy bootstrap rendered from the config")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     with_envoy = args.command == "run"
     try:
         return asyncio.run(serve(cfg, grace=args.grace, runtime_dir=args.runtime_dir, with_envoy=with_envoy,
-                                 config_path=args.config, standby=getattr(args, "standby", False)))
+                                 config_path=args.config, standby=getattr(args, "standby", False),
+                                 worker=getattr(args, "worker", 0)))
     except ConfigError as e:  # e.g. a JWKS file or dev key that cannot be read
         print(f"tollgate: {e}", file=sys.stderr)
         return 2

@@ -68,6 +68,15 @@ class Address:
     def grpc_target(self) -> str:
         return f"unix:{self.unix_socket}" if self.unix_socket else f"{self.host}:{self.port}"
 
+    def worker(self, index: int) -> Address:
+        """Where ext_proc worker ``index`` listens: worker 0 on this address, worker N on port + N (or on
+        the unix socket's path + ``.N``)."""
+        if index == 0:
+            return self
+        if self.unix_socket:
+            return Address(self.host, self.port, f"{self.unix_socket}.{index}")
+        return Address(self.host, self.port + index, None)
+
 
 @dataclass(frozen=True)
 class SecretRef:
@@ -92,7 +101,7 @@ class EnvoySettings:
     message_timeout: float = 1.0
     log_level: str = "warning"
     concurrency: int = 2
-    max_exchanges: int = 128  # concurrent requests the Python server takes; beyond: a fast 503 (Retry-After)
+    max_exchanges: int = 128  # concurrent requests each ext_proc worker takes; beyond: a fast 503 (Retry-After)
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,7 @@ class GatewayConfig:
     teams: dict[str, Team] = field(default_factory=dict)
     listen: Address = LISTEN
     extproc: Address = EXTPROC
+    workers: int = 1  # ext_proc server processes behind Envoy (`extproc.workers`), each on its own address
     metrics: Address = METRICS
     envoy: EnvoySettings = EnvoySettings()
     limits: Limits = Limits()
@@ -204,9 +214,14 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
                             key_prefix=redis.key_prefix if redis else "tollgate")
     except ValueError as e:
         raise r.wrap(e) from None
+    workers = parse_workers(r, top.get("extproc"))
+    if workers > 1 and quota is not None and quota.store != "redis":
+        raise r.fail("extproc.workers", "several workers need quota.store: redis (the embedded quota store is one "
+                                        "file with one writer process)")
     return GatewayConfig(
         listen=r.address(top.get("listen"), "listen", LISTEN),
-        extproc=r.address(top.get("extproc"), "extproc", EXTPROC),
+        extproc=r.address(_without(top.get("extproc"), "workers"), "extproc", EXTPROC),
+        workers=workers,
         metrics=r.address(top.get("metrics"), "metrics", METRICS),
         envoy=parse_envoy(r, top.get("envoy")),
         limits=parse_limits(r, top.get("limits")),
@@ -236,6 +251,32 @@ def parse_envoy(r: Reader, v: Any) -> EnvoySettings:
         concurrency=r.integer(m.get("concurrency"), "envoy.concurrency", d.concurrency, 1, 64),
         max_exchanges=r.integer(m.get("max_exchanges"), "envoy.max_exchanges", d.max_exchanges, 1, 1_000_000),
     )
+
+
+MAX_WORKERS = 64
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parse_workers(r: Reader, v: Any) -> int:
+    """``extproc.workers``: a number, or ``auto`` for one per usable core (at most 8: beyond that Envoy, not
+    Python, is the bottleneck of a sidecar)."""
+    value = v.get("workers") if isinstance(v, dict) else None
+    if value == "auto":
+        return max(1, min(8, usable_cores()))
+    if isinstance(value, str):
+        raise r.fail("extproc.workers", f"expected a whole number from 1 to {MAX_WORKERS}, or auto")
+    return r.integer(value, "extproc.workers", 1, 1, MAX_WORKERS)
+
+
+def _without(v: Any, key: str) -> Any:
+    return {k: x for k, x in v.items() if k != key} if isinstance(v, dict) else v
 
 
 def parse_limits(r: Reader, v: Any) -> Limits:

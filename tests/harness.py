@@ -96,10 +96,12 @@ class Gateway:
         self.port, self.extproc_port, self.admin_port, self.metrics_port = ports
         config = dict(self.given)
         sock = config.pop("extproc_unix_socket", None)  # test knob: serve ext_proc on a unix socket
+        workers = {"workers": config.pop("extproc_workers")} if "extproc_workers" in config else {}
         self.config = {
             **config,
             "listen": {"host": "127.0.0.1", "port": self.port},
-            "extproc": {"unix_socket": sock} if sock else {"host": "127.0.0.1", "port": self.extproc_port},
+            "extproc": {**({"unix_socket": sock} if sock else {"host": "127.0.0.1", "port": self.extproc_port}),
+                        **workers},
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
             "envoy": {**config.get("envoy", {}), "admin": {"host": "127.0.0.1", "port": self.admin_port}},
         }

@@ -72,7 +72,7 @@ HCM_SETTINGS: dict[str, Any] = {
 
 def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str = CA_BUNDLE) -> dict[str, Any]:
     """The bootstrap as a plain dict (dump it as YAML or JSON)."""
-    clusters = [_extproc_cluster(cfg.extproc, cfg.envoy.max_exchanges)]
+    clusters = [_extproc_cluster(cfg.extproc, cfg.envoy.max_exchanges * cfg.workers, cfg.workers)]
     routes = []
     for alias in cfg.models.values():
         slots = _slots(cfg, alias)
@@ -547,8 +547,8 @@ def _target_cluster(
     return cluster
 
 
-def _extproc_cluster(a: Address, max_exchanges: int) -> dict[str, Any]:
-    """The Python server, with admission control in front of it.
+def _extproc_cluster(a: Address, max_exchanges: int, workers: int = 1) -> dict[str, Any]:
+    """The Python server (one endpoint per worker process), with admission control in front of it.
 
     Every request Envoy routes holds one gRPC stream to the server for its
     whole life (a fallback attempt one more), so the circuit breaker's
@@ -558,6 +558,13 @@ def _extproc_cluster(a: Address, max_exchanges: int) -> dict[str, Any]:
     within milliseconds, before anything is routed; without the cap, excess
     load queues in the server until Envoy's per-message timeout answers 504
     (measured: tests/bench/overload.md).
+
+    With several workers (``extproc.workers``) each is an endpoint of its own; ``LEAST_REQUEST`` sends a
+    new stream to the worker with fewer streams open, which balances long generations better than turns.
+    (One port shared with SO_REUSEPORT would not balance: Envoy keeps one or two long-lived HTTP/2
+    connections per cluster and every stream on a connection lands on the process that accepted it.)
+    Health checking is left to the connection: a killed worker refuses connections and Envoy's outlier
+    detection ejects it until its replacement binds.
     """
     limits = {"max_connections": _MANY, "max_pending_requests": _MANY, "max_retries": _MANY,
               "max_requests": max_exchanges}
@@ -577,8 +584,28 @@ def _extproc_cluster(a: Address, max_exchanges: int) -> dict[str, Any]:
                 },
             }
         },
-        "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(a)}}]}]},
+        "load_assignment": {"cluster_name": EXTPROC_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(a.worker(i))}} for i in range(workers)]}]},
+        **({"lb_policy": "LEAST_REQUEST", **_EJECT_DEAD_WORKER} if workers > 1 else {}),
     }
+
+
+# A worker that is down (killed, its replacement not bound yet) is left out of the balancing: at once when a
+# connection to it is refused (outlier detection), and by a gRPC health check every half second, which also
+# brings its replacement back. Without them LEAST_REQUEST prefers the dead worker (it never has a stream
+# open) and nearly every request fails until the replacement binds. No panic mode: with every worker down
+# the answer is Envoy's fast 503 (Retry-After), never a stream sent to a known-dead worker.
+_EJECT_DEAD_WORKER: dict[str, Any] = {
+    "outlier_detection": {
+        "consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
+        "consecutive_5xx": 1_000_000, "consecutive_gateway_failure": 1_000_000,
+        "enforcing_consecutive_local_origin_failure": 100, "interval": "0.5s", "base_ejection_time": "0.5s",
+        "max_ejection_time": "2s", "max_ejection_percent": 100},
+    "health_checks": [{
+        "timeout": "0.5s", "interval": "0.5s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "no_traffic_interval": "0.5s", "grpc_health_check": {}}],
+    "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+}
 
 
 # --------------------------------------------------------------------------- checking

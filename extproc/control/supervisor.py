@@ -22,12 +22,17 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
 
 from extproc.pipeline.runtime import attach_governor, build_runtime
 from extproc.quota.tokenizer import Tokenizer
-from extproc.config import GatewayConfig, environment
+from extproc.config import Address, GatewayConfig, environment
 from extproc.control.envoy_config import render_yaml
 from extproc.pipeline.server import drain, install_signal_handlers, start_server
+from extproc.telemetry.envoy_stats import FallbackReasons
+from extproc.telemetry.worker_metrics import WorkerExposition, WorkerSum, socket_path
 
 log = logging.getLogger("tollgate")
 
@@ -98,22 +103,25 @@ def _admin_post(cfg: GatewayConfig, path: str) -> None:
 
 async def serve(
     cfg: GatewayConfig, *, grace: float = 10.0, runtime_dir: str | None = None, with_envoy: bool = True,
-    config_path: str | None = None, standby: bool = False,
+    config_path: str | None = None, standby: bool = False, worker: int = 0,
 ) -> int:
     """``tollgate run`` (``with_envoy``): supervise Envoy and the ext_proc server; otherwise serve ext_proc
     in this process (``tollgate extproc``, e.g. when Envoy is its own container in the pod)."""
     if with_envoy:
         return await Supervisor(cfg, grace=grace, runtime_dir=runtime_dir, config_path=config_path).run()
-    return await serve_extproc(cfg, grace=grace, runtime_dir=runtime_dir, standby=standby)
+    return await serve_extproc(cfg, grace=grace, runtime_dir=runtime_dir, standby=standby, worker=worker)
 
 
-async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, standby: bool) -> int:
+async def serve_extproc(
+    cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, standby: bool, worker: int = 0,
+) -> int:
     """Serve the ext_proc side until SIGTERM/SIGINT.
 
     A ``standby`` does all of its slow start-up (imports, runtime, tokenizer
     encodings, issuer keys, Azure AD tokens) and then waits for a line on
     its standard input before it binds its ports: the supervisor's spare,
-    ready to take over within a fraction of a second.
+    ready to take over within a fraction of a second. The line names the
+    worker it replaces (``go N``: it binds worker N's address).
     """
     # The embedded quota store is one file with one writer: a standby opens it only once it takes over.
     embedded_quota = cfg.quota is not None and not (cfg.quota.store == "redis" and cfg.redis is not None)
@@ -132,25 +140,32 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
     if standby:
         interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the supervisor to handle
         log.info("ext_proc standby ready (pid %d)", os.getpid())
-        if not await asyncio.to_thread(sys.stdin.readline):
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line:
             return 0  # the supervisor went away before needing us
+        worker = _worker_of(line, cfg.workers)
         signal.signal(signal.SIGINT, interrupt)
         if deferred:  # the server it replaces is dead, so the state file's lock is free
             attach_governor(gw, tokenizer=tokenizer)
     demo = None
-    if rt.demo_socket:
+    if rt.demo_socket and worker == 0:  # one demo backend per gateway, hosted by worker 0
         from extproc.providers.demo import start_demo
 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
-    server, processor, health = await start_server(gw)
+    server, processor, health = await start_server(gw, worker)
     if gw.governor is not None:
         gw.governor.start()  # replays settlements the store missed, reaps leases of dead sidecars
-    gw.metrics.serve(cfg.metrics)
+    exposition = None
+    if cfg.workers == 1:
+        gw.metrics.serve(cfg.metrics)
+    elif gw.metrics.enabled:  # the supervisor serves the sum of all workers (worker_metrics.py)
+        exposition = WorkerExposition(gw.metrics.registry, socket_path(str(rt.directory), worker))
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    log.info("ext_proc server on %s (pid %d)", cfg.extproc.grpc_target, os.getpid())
+    log.info("ext_proc server %d/%d on %s (pid %d)", worker, cfg.workers, cfg.extproc.worker(worker).grpc_target,
+             os.getpid())
     try:
         await stop.wait()
     finally:
@@ -158,6 +173,9 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
         while processor.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await drain(server, health, max(0.0, min(grace, 2.0)))
+        await processor.peers.close()
+        if exposition is not None:
+            exposition.close()
         await gw.close()  # every pending quota settlement and ledger record, then the store is flushed
         gw.metrics.close()
         await gw.vault.close()
@@ -170,15 +188,20 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
 
 
 class Supervisor:
-    """Envoy, the ext_proc server in a child process, and a warm standby for it.
+    """Envoy, the ext_proc workers in child processes, and one warm standby for them.
 
-    The gRPC server runs in a child, not in this process: when it dies
+    The gRPC server runs in children, not in this process: when one dies
     (a crash, the OOM killer, a SIGKILL) Envoy keeps its listener and
     answers 503 in OpenAI's shape with ``Retry-After`` (its local reply for
     an unreachable ext_proc), and the standby, which did its slow start-up
-    already, is told to bind: service is back in well under a second. A new
-    standby is started behind it, a little later. Starting a server from scratch takes 2-3 s
-    on a loaded machine, most of it imports; hence the spare.
+    already, is told to bind in its place: service is back in well under a
+    second. A new standby is started behind it, a little later. Starting a
+    server from scratch takes 2-3 s on a loaded machine, most of it imports;
+    hence the spare. With ``extproc.workers: N`` there are N servers (each an
+    endpoint of Envoy's ext_proc cluster, see ``relay.py``) and still one
+    spare, which takes over whichever dies; while one is down Envoy sends new
+    streams to the others. The supervisor then also serves /metrics, the sum
+    of the workers' (``worker_metrics.py``).
     """
 
     STANDBY_DELAY = 2.0  # the spare starts this long after the gateway (or a restarted server) is up
@@ -192,37 +215,50 @@ class Supervisor:
                     "--runtime-dir", str(self.rt.directory)]
         if config_path:
             self.cmd += ["--config", config_path]
-        self.active: asyncio.subprocess.Process | None = None
+        self.workers: list[asyncio.subprocess.Process] = []
         self.standby: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self._metrics: tuple[Any, Any] | None = None
 
-    async def _spawn(self, go: bool) -> asyncio.subprocess.Process:
+    @property
+    def active(self) -> asyncio.subprocess.Process | None:
+        """Worker 0 (the only one, unless ``extproc.workers`` says more)."""
+        return self.workers[0] if self.workers else None
+
+    async def _spawn(self, worker: int | None) -> asyncio.subprocess.Process:
         child = await asyncio.create_subprocess_exec(
             *self.cmd, stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
-        if go:
-            self._go(child)
+        if worker is not None:
+            self._go(child, worker)
         return child
 
     @staticmethod
-    def _go(child: asyncio.subprocess.Process) -> None:
+    def _go(child: asyncio.subprocess.Process, worker: int) -> None:
         assert child.stdin is not None
-        child.stdin.write(b"go\n")
+        child.stdin.write(f"go {worker}\n".encode())
 
     async def _standby_later(self) -> None:
         await asyncio.sleep(self.STANDBY_DELAY)
         if self.standby is None:
-            self.standby = await self._spawn(go=False)
+            self.standby = await self._spawn(None)
 
-    async def _promote(self) -> None:
-        """The active server died: the standby takes over (or, with none, a fresh one starts)."""
+    async def _promote(self, worker: int) -> None:
+        """Worker ``worker`` died: the standby takes its place (or, with none, a fresh one starts)."""
         self.restarts += 1
         child, self.standby = self.standby, None
         if child is None or child.returncode is not None:
-            child = await self._spawn(go=True)
+            child = await self._spawn(worker)
         else:
-            self._go(child)
-        self.active = child
-        log.warning("ext_proc server restarted (pid %d, restart %d)", child.pid, self.restarts)
+            self._go(child, worker)
+        self.workers[worker] = child
+        log.warning("ext_proc server %d restarted (pid %d, restart %d)", worker, child.pid, self.restarts)
+
+    async def _start_workers(self) -> None:
+        self.workers = [await self._spawn(i) for i in range(self.cfg.workers)]
+        for i, child in enumerate(self.workers):
+            await _wait_extproc(self.cfg.extproc.worker(i), child)
+        if self.cfg.workers > 1 and self.cfg.metrics.port != 0:
+            self._metrics = serve_summed_metrics(self.cfg, str(self.rt.directory))
 
     async def run(self) -> int:
         cfg = self.cfg
@@ -232,8 +268,7 @@ class Supervisor:
         code = 0
         spare: asyncio.Task[None] | None = None
         try:
-            self.active = await self._spawn(go=True)
-            await _wait_extproc(cfg, self.active)
+            await self._start_workers()
             cmd = [find_envoy(cfg), "-c", str(self.rt.envoy_config), "--disable-hot-restart",
                    "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level]
             envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
@@ -244,16 +279,17 @@ class Supervisor:
             stopping = asyncio.create_task(stop.wait())
             envoy_down = asyncio.create_task(envoy.wait())
             while True:
-                assert self.active is not None
-                active_down = asyncio.create_task(self.active.wait())
-                await asyncio.wait({stopping, envoy_down, active_down}, return_when=asyncio.FIRST_COMPLETED)
+                down = {asyncio.create_task(w.wait()): i for i, w in enumerate(self.workers)}
+                await asyncio.wait({stopping, envoy_down, *down}, return_when=asyncio.FIRST_COMPLETED)
+                for task in down:
+                    task.cancel()
                 if stop.is_set() or envoy_down.done():
-                    active_down.cancel()
                     break
-                log.error("ext_proc server exited with code %s", self.active.returncode)
                 if spare is not None and not spare.done():
                     spare.cancel()
-                await self._promote()
+                for i in [i for i, w in enumerate(self.workers) if w.returncode is not None]:
+                    log.error("ext_proc server %d exited with code %s", i, self.workers[i].returncode)
+                    await self._promote(i)
                 # the next spare starts later: its start-up (seconds of CPU) must not slow this one's
                 spare = asyncio.create_task(self._standby_later())
             stopping.cancel()
@@ -272,14 +308,20 @@ class Supervisor:
         """Listeners drained, in-flight exchanges finished (up to the grace), then everything stops."""
         if envoy is not None and envoy.returncode is None:
             await asyncio.to_thread(_admin_post, self.cfg, "/drain_listeners?graceful&inboundonly")
-        for child, patience in ((self.standby, 5.0), (self.active, self.grace + 5.0)):
+        children = [(self.standby, 5.0), *((w, self.grace + 5.0) for w in self.workers)]
+        for child, _ in children:
             if child is not None and child.returncode is None:
-                child.send_signal(signal.SIGTERM)
+                child.send_signal(signal.SIGTERM)  # all at once: they drain side by side
+        for child, patience in children:
+            if child is not None:
                 try:
                     await asyncio.wait_for(child.wait(), patience)
                 except asyncio.TimeoutError:
                     child.kill()
                     await child.wait()
+        if self._metrics is not None:
+            server, _thread = self._metrics
+            server.shutdown()
         if envoy is not None and envoy.returncode is None:
             envoy.send_signal(signal.SIGTERM)
             try:
@@ -291,10 +333,9 @@ class Supervisor:
             shutil.rmtree(self.rt.directory, ignore_errors=True)
 
 
-async def _wait_extproc(cfg: GatewayConfig, child: asyncio.subprocess.Process, timeout: float = 60.0) -> None:
-    """Until the first ext_proc server accepts connections (Envoy starts after it)."""
+async def _wait_extproc(a: Address, child: asyncio.subprocess.Process, timeout: float = 60.0) -> None:
+    """Until an ext_proc server accepts connections (Envoy starts after all of them)."""
     deadline = time.monotonic() + timeout
-    a = cfg.extproc
     while time.monotonic() < deadline:
         if child.returncode is not None:
             raise RuntimeError(f"the ext_proc server exited with code {child.returncode} during start-up")
@@ -308,6 +349,21 @@ async def _wait_extproc(cfg: GatewayConfig, child: asyncio.subprocess.Process, t
         except OSError:
             await asyncio.sleep(0.05)
     raise TimeoutError("the ext_proc server did not start in time")
+
+
+def _worker_of(line: str, workers: int) -> int:
+    """The worker index on the supervisor's ``go N`` line (a bare ``go`` means worker 0)."""
+    parts = line.split()
+    index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return index if index < workers else 0
+
+
+def serve_summed_metrics(cfg: GatewayConfig, runtime_dir: str) -> tuple[Any, Any]:
+    """/metrics on the configured address: every worker's series summed, and Envoy's fallback reasons once."""
+    registry = CollectorRegistry()
+    registry.register(WorkerSum([socket_path(runtime_dir, i) for i in range(cfg.workers)]))
+    registry.register(FallbackReasons(cfg))
+    return start_http_server(cfg.metrics.port, addr=cfg.metrics.host, registry=registry)
 
 
 def _banner(cfg: GatewayConfig) -> None:

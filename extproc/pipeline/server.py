@@ -30,6 +30,7 @@ from extproc.pipeline import messages
 from extproc.pipeline.attempt import AttemptExchange
 from extproc.pipeline.base import Processor, dispatch
 from extproc.pipeline.outcome import OutcomeExchange
+from extproc.pipeline.relay import RELAYED_KEY, NotOwned, Peers, owned_request_id
 from extproc.pipeline.router import RouterExchange, build_stages
 from extproc.pipeline.runtime import Runtime
 
@@ -39,10 +40,11 @@ FILTER_METADATA_KEY = "x-tollgate-filter"
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, gw: Runtime) -> None:
+    def __init__(self, gw: Runtime, peers: Peers | None = None) -> None:
         self.gw = gw
         self.stages = build_stages(gw)  # once: the router-level stages, in order
         self.active = 0
+        self.peers = peers or Peers((), [])  # the other workers (extproc.workers > 1): see relay.py
 
     def processor(self, role: str) -> Processor:
         """A new processor for one stream of the filter named ``role``."""
@@ -55,14 +57,37 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     async def Process(  # noqa: N802 - the gRPC method name
         self, request_iterator: AsyncIterator[messages.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[messages.ProcessingResponse]:
-        role = "gateway"
+        role, relayed = "gateway", False
         for key, value in context.invocation_metadata() or ():
             if key == FILTER_METADATA_KEY:
                 role = value
-        ex = self.processor(role)
+            elif key == RELAYED_KEY:
+                relayed = True
+        requests = request_iterator
+        if role != "gateway" and (relayed or self.peers):
+            first = await anext(request_iterator, None)
+            if first is None:
+                return
+            rid = owned_request_id(role, first)
+            if rid is not None and rid not in self.gw.exchanges:
+                if relayed:  # asked by a peer: not ours, and never passed on again
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "this worker does not hold the request")
+                try:
+                    async for answer in self.peers.relay(role, first, request_iterator):
+                        yield answer
+                    return
+                except NotOwned:
+                    pass  # nobody holds it: answered below, as a request the gateway lost track of
+            requests = _prepend(first, request_iterator)
+        async for answer in self._serve(self.processor(role), requests):
+            yield answer
+
+    async def _serve(
+        self, ex: Processor, requests: AsyncIterator[messages.ProcessingRequest]
+    ) -> AsyncIterator[messages.ProcessingResponse]:
         self.active += 1
         try:
-            async for req in request_iterator:
+            async for req in requests:
                 phase = req.WhichOneof("request")
                 try:
                     resp = dispatch(ex, phase, req)
@@ -94,6 +119,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             self.gw.metrics.refused(err.status, err.code or err.type)
 
 
+async def _prepend(
+    first: messages.ProcessingRequest, rest: AsyncIterator[messages.ProcessingRequest]
+) -> AsyncIterator[messages.ProcessingRequest]:
+    yield first
+    async for req in rest:
+        yield req
+
+
 def _anthropic(ex: Processor) -> bool:
     """Whether the client speaks Anthropic's API: its errors then take that shape."""
     if isinstance(ex, RouterExchange):
@@ -116,16 +149,22 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-async def start_server(gw: Runtime) -> tuple[grpc.aio.Server, ExternalProcessor, health.HealthServicer]:
+async def start_server(
+    gw: Runtime, worker: int = 0
+) -> tuple[grpc.aio.Server, ExternalProcessor, health.HealthServicer]:
+    """Serve ext_proc as worker ``worker`` of ``extproc.workers``, on that worker's address."""
     cfg = gw.config
-    server = grpc.aio.server(options=grpc_options(2 * cfg.limits.max_request_bytes + (1 << 20)))
-    processor = ExternalProcessor(gw)
+    options = grpc_options(2 * cfg.limits.max_request_bytes + (1 << 20))
+    server = grpc.aio.server(options=options)
+    peers = Peers([cfg.extproc.worker(i) for i in range(cfg.workers) if i != worker], options)
+    processor = ExternalProcessor(gw, peers)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(cfg.extproc.grpc_target)
-    if not cfg.extproc.unix_socket and bound == 0:
-        raise OSError(f"cannot listen on {cfg.extproc.grpc_target}")
+    address = cfg.extproc.worker(worker)
+    bound = server.add_insecure_port(address.grpc_target)
+    if not address.unix_socket and bound == 0:
+        raise OSError(f"cannot listen on {address.grpc_target}")
     await server.start()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     return server, processor, health_servicer

@@ -49,7 +49,7 @@ class Metrics:
         self._providers = frozenset(cfg.providers)
         self._models = frozenset(t.model for a in cfg.models.values() for t in a.targets)
         self._teams = frozenset(teams)
-        if self.enabled:
+        if self.enabled and cfg.workers == 1:  # with several workers the supervisor reads Envoy's counts, once
             self.registry.register(FallbackReasons(cfg))  # why attempts failed over: Envoy's own counts
         self._team_label = team_label
         r = self.registry
