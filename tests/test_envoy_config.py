@@ -101,3 +101,26 @@ def test_the_rendered_config_reads_into_envoys_typed_messages():
     boot["static_resources"]["listeners"][0]["per_connection_buffer_limt_bytes"] = 1
     with pytest.raises(ValueError, match="per_connection_buffer_limt_bytes"):
         typed_check(boot)
+
+
+def test_several_workers_are_endpoints_of_the_ext_proc_cluster_and_envoy_accepts_it(tmp_path):
+    from extproc.config import parse_config
+    from extproc.control.envoy_config import EXTPROC_CLUSTER, typed_check
+
+    text = (ENVOY_DIR / "gateway.example.yaml").read_text()
+    assert "extproc: {host: 127.0.0.1, port: 50051}" in text
+    cfg = parse_config(text.replace("extproc: {host: 127.0.0.1, port: 50051}",
+                                    "extproc: {host: 127.0.0.1, port: 50051, workers: 3}"), env=EXAMPLE_ENV)
+    boot = render(cfg, demo_socket=str(tmp_path / "demo.sock"))
+    cluster = next(c for c in boot["static_resources"]["clusters"] if c["name"] == EXTPROC_CLUSTER)
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [50051, 50052, 50053]
+    assert cluster["lb_policy"] == "LEAST_REQUEST" and cluster["health_checks"][0]["grpc_health_check"] == {}
+    limits = cluster["circuit_breakers"]["thresholds"][0]
+    assert limits["max_requests"] == 3 * cfg.envoy.max_exchanges  # the cap is per worker
+    typed_check(boot)
+    out = tmp_path / "envoy.yaml"
+    out.write_text(yaml.safe_dump(boot))
+    r = validate(out)
+    assert r.returncode == 0, r.stdout + r.stderr

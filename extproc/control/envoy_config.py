@@ -598,7 +598,6 @@ def _extproc_cluster(a: Address, max_exchanges: int, workers: int = 1) -> dict[s
 _EJECT_DEAD_WORKER: dict[str, Any] = {
     "outlier_detection": {
         "consecutive_local_origin_failure": 1, "split_external_local_origin_errors": True,
-        "consecutive_5xx": 1_000_000, "consecutive_gateway_failure": 1_000_000,
         "enforcing_consecutive_local_origin_failure": 100, "interval": "0.5s", "base_ejection_time": "0.5s",
         "max_ejection_time": "2s", "max_ejection_percent": 100},
     "health_checks": [{
