@@ -245,3 +245,17 @@ def wait_for_standby(gw: Gateway, timeout: float = 30) -> None:
     while gw.log().count("ext_proc standby ready") < 3:
         assert time.monotonic() < deadline, "no standby"
         time.sleep(0.2)
+
+
+def test_tollgate_extproc_alone_runs_every_worker_for_an_envoy_of_its_own(gateway, fake_openai) -> None:
+    # a pod whose Envoy is its own container: `tollgate extproc` supervises the workers (and sums their metrics)
+    gw = gateway({"extproc_workers": 2, "providers": providers_for(fake_openai),
+                  "models": {"gpt-4o": {"targets": [{"provider": "openai", "model": "gpt-4o"}]}}}, split=True)
+    client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=30)
+    for i in range(6):
+        assert client.chat.completions.create(model="gpt-4o", messages=ask(f"split {i}")).choices[0].message.content
+    assert "ext_proc server 1/2" in gw.log() and "ext_proc server 0/2" in gw.log()
+    deadline = time.monotonic() + 5
+    while value(scrape(gw), "tollgate_requests_total", alias="gpt-4o", outcome="success") < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

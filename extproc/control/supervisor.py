@@ -106,9 +106,11 @@ async def serve(
     config_path: str | None = None, standby: bool = False, worker: int = 0,
 ) -> int:
     """``tollgate run`` (``with_envoy``): supervise Envoy and the ext_proc server; otherwise serve ext_proc
-    in this process (``tollgate extproc``, e.g. when Envoy is its own container in the pod)."""
-    if with_envoy:
-        return await Supervisor(cfg, grace=grace, runtime_dir=runtime_dir, config_path=config_path).run()
+    in this process (``tollgate extproc``, e.g. when Envoy is its own container in the pod), or, with
+    ``extproc.workers`` > 1, supervise that many workers without an Envoy."""
+    if with_envoy or (cfg.workers > 1 and not standby and worker == 0):
+        return await Supervisor(cfg, grace=grace, runtime_dir=runtime_dir, config_path=config_path,
+                                with_envoy=with_envoy).run()
     return await serve_extproc(cfg, grace=grace, runtime_dir=runtime_dir, standby=standby, worker=worker)
 
 
@@ -206,8 +208,10 @@ class Supervisor:
 
     STANDBY_DELAY = 2.0  # the spare starts this long after the gateway (or a restarted server) is up
 
-    def __init__(self, cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, config_path: str | None):
+    def __init__(self, cfg: GatewayConfig, *, grace: float, runtime_dir: str | None, config_path: str | None,
+                 with_envoy: bool = True):
         self.cfg = cfg
+        self.with_envoy = with_envoy
         self.grace = grace
         self.rt = prepare_runtime(cfg, runtime_dir)
         self.own_dir = runtime_dir is None
@@ -260,8 +264,17 @@ class Supervisor:
         if self.cfg.workers > 1 and self.cfg.metrics.port != 0:
             self._metrics = serve_summed_metrics(self.cfg, str(self.rt.directory))
 
-    async def run(self) -> int:
+    async def _start_envoy(self) -> asyncio.subprocess.Process:
         cfg = self.cfg
+        cmd = [find_envoy(cfg), "-c", str(self.rt.envoy_config), "--disable-hot-restart",
+               "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level]
+        envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
+                                                     preexec_fn=_die_with_parent)
+        await _wait_ready(cfg, envoy)
+        _banner(cfg)
+        return envoy
+
+    async def run(self) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         envoy: asyncio.subprocess.Process | None = None
@@ -269,15 +282,11 @@ class Supervisor:
         spare: asyncio.Task[None] | None = None
         try:
             await self._start_workers()
-            cmd = [find_envoy(cfg), "-c", str(self.rt.envoy_config), "--disable-hot-restart",
-                   "--concurrency", str(cfg.envoy.concurrency), "-l", cfg.envoy.log_level]
-            envoy = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.DEVNULL,
-                                                         preexec_fn=_die_with_parent)
-            await _wait_ready(cfg, envoy)
-            _banner(cfg)
+            if self.with_envoy:
+                envoy = await self._start_envoy()
             spare = asyncio.create_task(self._standby_later())
             stopping = asyncio.create_task(stop.wait())
-            envoy_down = asyncio.create_task(envoy.wait())
+            envoy_down = asyncio.create_task(envoy.wait() if envoy is not None else asyncio.Event().wait())
             while True:
                 down = {asyncio.create_task(w.wait()): i for i, w in enumerate(self.workers)}
                 await asyncio.wait({stopping, envoy_down, *down}, return_when=asyncio.FIRST_COMPLETED)
@@ -294,7 +303,7 @@ class Supervisor:
                 spare = asyncio.create_task(self._standby_later())
             stopping.cancel()
             envoy_down.cancel()
-            if envoy.returncode is not None and not stop.is_set():
+            if envoy is not None and envoy.returncode is not None and not stop.is_set():
                 code = envoy.returncode or 1
                 log.error("envoy exited with code %s; stopping", envoy.returncode)
         finally:
