@@ -497,3 +497,13 @@ if __name__ == "__main__":
     for target, content in generated_files().items():
         target.write_text(content)
         print(f"wrote {target.relative_to(ROOT)}")
+
+
+def test_the_sidecar_asks_for_a_core_share_and_memory_per_ext_proc_worker():
+    text = example_config_text()
+    assert "workers" not in text
+    one = InjectOptions.from_config(parse_config(text, source="tollgate.yaml", env={}))
+    three = InjectOptions.from_config(parse_config(
+        re.sub(r"(?m)^extproc:\s*\{([^}]*)\}", r"extproc: {\1, workers: 3}", text), source="tollgate.yaml", env={}))
+    assert one.extproc_resources == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    assert three.extproc_resources == {"requests": {"cpu": "300m", "memory": "384Mi"}, "limits": {"memory": "896Mi"}}

@@ -73,8 +73,12 @@ def _envoy_resources() -> dict[str, dict[str, str]]:
     return {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 
 
-def _extproc_resources() -> dict[str, dict[str, str]]:
-    return {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+def _extproc_resources(workers: int = 1) -> dict[str, dict[str, str]]:
+    """The ext_proc container's hints: each worker past the first is one more Python server (~150 MB RSS
+    with quotas measured in the soak), with one standby and the supervisor shared by all."""
+    extra = workers - 1
+    return {"requests": {"cpu": f"{100 * workers}m", "memory": f"{128 + 128 * extra}Mi"},
+            "limits": {"memory": f"{512 + 192 * extra}Mi"}}
 
 
 class InjectError(ValueError):
@@ -137,6 +141,7 @@ class InjectOptions:
             "metrics_port": cfg.metrics.port,
             "envoy_concurrency": cfg.envoy.concurrency,
             "envoy_log_level": cfg.envoy.log_level,
+            "extproc_resources": _extproc_resources(cfg.workers),
         }
         return replace(cls(), **{**taken, **overrides})
 
