@@ -231,7 +231,7 @@ class Supervisor:
 
     async def _spawn(self, worker: int | None) -> asyncio.subprocess.Process:
         child = await asyncio.create_subprocess_exec(
-            *self.cmd, stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent, env=worker_environment())
+            *self.cmd, stdin=asyncio.subprocess.PIPE, preexec_fn=_die_with_parent)
         if worker is not None:
             self._go(child, worker)
         return child
@@ -358,20 +358,6 @@ async def _wait_extproc(a: Address, child: asyncio.subprocess.Process, timeout: 
         except OSError:
             await asyncio.sleep(0.05)
     raise TimeoutError("the ext_proc server did not start in time")
-
-
-def worker_environment() -> dict[str, str]:
-    """The ext_proc servers' environment: this one's, with Python's small-object allocator off.
-
-    Measured (README, "Memory"): with pymalloc the server's RSS grew by ~100-200 bytes per request
-    while the number of live Python objects and allocated blocks stayed constant: memory the
-    allocator kept, not objects leaked. With ``PYTHONMALLOC=malloc`` (glibc's allocator for every
-    object) RSS stays flat over the same requests, starts a few MB higher, and the CPU per request
-    is the same within noise. An operator's own ``PYTHONMALLOC`` wins.
-    """
-    env = environment()
-    env.setdefault("PYTHONMALLOC", "malloc")
-    return env
 
 
 def _worker_of(line: str, workers: int) -> int:

@@ -93,6 +93,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     resp = dispatch(ex, phase, req)
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
+                    last = resp[-1] if isinstance(resp, tuple) else resp
                     if isinstance(resp, tuple):
                         for part in resp:
                             yield part
@@ -100,12 +101,16 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         yield resp
                 except GatewayError as refusal:
                     self._note_error(ex, refusal)
-                    yield messages.error_response(refusal, _request_id(ex), _anthropic(ex))
+                    last = messages.error_response(refusal, _request_id(ex), _anthropic(ex))
+                    yield last
                 except Exception:
                     log.exception("exchange failed in %s (request %s)", phase, ex.request_id or "?")
                     failure = Internal("the gateway failed to process this request")
                     self._note_error(ex, failure)
-                    yield messages.error_response(failure, _request_id(ex), _anthropic(ex))
+                    last = messages.error_response(failure, _request_id(ex), _anthropic(ex))
+                    yield last
+                if _final(req, phase, last):
+                    break  # ours to end: see _final
         finally:
             self.active -= 1
             ex.close()
@@ -117,6 +122,25 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             exchange.status, exchange.error = err.status, err.code or err.type
         elif isinstance(ex, RouterExchange):
             self.gw.metrics.refused(err.status, err.code or err.type)
+
+
+def _final(req: messages.ProcessingRequest, phase: str, answer: messages.ProcessingResponse) -> bool:
+    """Whether Envoy has nothing more to send on this stream once ``answer`` is sent.
+
+    Then the server ends the stream itself, at once, instead of waiting for Envoy. Envoy resets an
+    ext_proc stream that is still open when its HTTP exchange ends, and a reset that meets a read
+    in flight costs grpcio (1.85, aio) ~120 bytes of native memory that are never freed: measured
+    with a bare grpc.aio server, 50k streams, the client cancelling after the last answer, RSS grew
+    by 120 B per stream, and by a third of that when the server ended the stream first (README,
+    "Memory"). A stream the server closes is one Envoy treats as complete.
+    """
+    if answer.HasField("immediate_response"):
+        return True  # the request ends here: Envoy sends nothing more
+    if phase == "response_body":
+        return req.response_body.end_of_stream
+    if phase == "response_headers":
+        return req.response_headers.end_of_stream
+    return phase == "response_trailers"
 
 
 async def _prepend(
