@@ -261,6 +261,7 @@ def test_requests_per_minute_refuses_beyond_the_rate_with_request_headers(gatewa
     assert e.code == "rate_limit_exceeded" and "3 requests per minute" in e.message
     assert 1 <= int(e.response.headers["retry-after"]) <= 20  # one request comes back every 20 s
     assert len(fake.requests) == 3
+    assert value(scrape(gw), "tollgate_quota_rejections_total", scope="alias", kind="requests") == 1
 
 
 def test_prices_without_limits_keep_a_ledger_and_hold_nothing(gateway, fake):
