@@ -1,9 +1,9 @@
 """Run Envoy and the ext_proc server together, and stop both cleanly.
 
 ``tollgate run`` is a supervisor: the ext_proc server (and the demo backend,
-if the config uses it) runs in a child process, Envoy in another, and a warm
-standby waits to replace the ext_proc server the moment it dies (see
-``Supervisor``). On SIGTERM/SIGINT: Envoy's listener stops taking
+if the config uses it) runs in a child process, or ``extproc.workers`` of
+them, Envoy in another, and a warm standby waits to replace an ext_proc
+server the moment it dies (see ``Supervisor``). On SIGTERM/SIGINT: Envoy's listener stops taking
 connections, in-flight exchanges get ``grace`` seconds to finish, then the
 ext_proc server and Envoy stop. If Envoy dies, the gateway exits with its code.
 """
