@@ -13,6 +13,8 @@ names; a ``ValueError`` names the bad key (``cache.aliases.gpt-4o.threshold:
       lookup_budget: 25ms       # a lookup that would take longer is skipped (bypass)
       embed_workers: 1          # threads computing embeddings
       embed_queue: 4            # embeddings waiting or running at most; more: bypass (saturated)
+      control_dir: ~/.local/state/tollgate/cache-control  # without Redis: where `tollgate cache clear` finds
+                                # the running gateways (one Unix socket per ext_proc process)
       aliases:
         gpt-4o: {mode: exact, ttl: 10m}
         demo: {threshold: 0.95}
@@ -24,7 +26,7 @@ sidecar shares them; otherwise they stay in this process.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,6 +61,7 @@ class CacheSettings:
     store: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
     key_prefix: str = "tollgate"
+    control_dir: str = "/tmp/tollgate-cache-control"  # the config sets it under the state directory
     aliases: Mapping[str, AliasCache] = field(default_factory=dict)
 
     def for_alias(self, alias: str) -> AliasCache:
@@ -120,13 +123,22 @@ def _mode(v: Any, path: str, default: Mode) -> Mode:
     return v  # type: ignore[no-any-return]
 
 
+def _directory(v: Any, key: str, default: str | None, expand: Callable[[str], str]) -> str:
+    if v is None:
+        return default or CacheSettings.control_dir
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{key}: expected a directory path")
+    return expand(v.strip())
+
+
 def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_url: str | None = None,
-                key_prefix: str = "tollgate") -> CacheSettings | None:
+                key_prefix: str = "tollgate", control_dir: str | None = None,
+                expand: Callable[[str], str] = lambda v: v) -> CacheSettings | None:
     """The section, or None when it is absent or ``mode: off`` with no alias turning it on."""
     if v is None:
         return None
     m = _mapping(v, path, {"mode", "namespace", "threshold", "ttl", "max_entries", "lookup_budget",
-                           "embed_workers", "embed_queue", "store", "aliases"})
+                           "embed_workers", "embed_queue", "store", "aliases", "control_dir"})
     mode = _mode(m.get("mode"), f"{path}.mode", "semantic")
     namespace = m.get("namespace", "team")
     if namespace not in ("team", "shared"):
@@ -154,6 +166,7 @@ def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_ur
         embed_queue=_integer(m.get("embed_queue"), f"{path}.embed_queue", 4, 1, 256),
         store="redis" if (store == "redis" or (store == "auto" and redis_url)) else "memory",
         redis_url=redis_url, key_prefix=key_prefix, aliases=per_alias,
+        control_dir=_directory(m.get("control_dir"), f"{path}.control_dir", control_dir, expand),
     )
     if out.mode == "off" and all(a.mode == "off" for a in per_alias.values()):
         return None

@@ -112,6 +112,19 @@ class CacheStage:
             self.pool.close()
         await self.cache.store.close()
 
+    # -- operator commands (``tollgate cache clear|stats`` through ``control.py`` when the store is this process)
+    async def clear(self, namespace: str, alias: str | None = None) -> int:
+        """Remove a namespace's entries (or one alias's) from the store and from the index."""
+        removed = await self.cache.store.clear(namespace, alias)
+        self.cache.index.drop(namespace, alias)
+        sizes = self.cache.index.counts()
+        self.metrics.sizes({namespace: sizes.get(namespace, 0), **sizes})
+        return removed
+
+    async def counts(self) -> dict[str, int]:
+        """Live entries per namespace, exact-only ones included."""
+        return await self.cache.store.counts()
+
     # -- lookup
     def namespace(self, team: str | None) -> str:
         return "shared" if self.settings.namespace == "shared" else (team or DEFAULT_NAMESPACE)
