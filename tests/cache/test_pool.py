@@ -18,10 +18,12 @@ class SlowEmbedder:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.release = threading.Event()
+        self.batches: list[list[str]] = []
 
-    def embed_one(self, text: str) -> np.ndarray:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(list(texts))
         self.release.wait(self.seconds)
-        return np.ones(384, dtype=np.float32)
+        return np.stack([np.full(384, len(t), dtype=np.float32) for t in texts])
 
 
 async def test_a_full_pool_refuses_at_once_and_takes_work_again_when_a_slot_frees():
@@ -52,4 +54,46 @@ async def test_a_caller_stops_waiting_at_its_budget_and_the_slot_stays_taken_unt
         await pool.embed("b", timeout=0.02)
     await asyncio.sleep(0.4)
     assert (await pool.embed("c", timeout=1.0))[0].shape == (384,)
+    pool.close()
+
+
+async def test_texts_that_arrive_while_a_pass_runs_share_the_next_pass_and_each_gets_its_own_vector():
+    slow = SlowEmbedder(5.0)
+    pool = EmbedPool(slow, workers=1, limit=8)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(pool.embed("a", timeout=None))
+    await asyncio.sleep(0.05)  # the first pass has started, alone: nothing waits for a batch to fill
+    later = [asyncio.ensure_future(pool.embed("b" * n, timeout=None)) for n in (2, 3, 4)]
+    await asyncio.sleep(0)
+    slow.release.set()
+    vectors = [v for v, _ in await asyncio.gather(first, *later)]
+    assert slow.batches == [["a"], ["bb", "bbb", "bbbb"]] and pool.passes == 2
+    assert [int(v[0]) for v in vectors] == [1, 2, 3, 4]  # each caller its own text's vector
+    assert pool.busy == 0
+    pool.close()
+
+
+async def test_a_caller_cancelled_before_its_turn_frees_its_slot_and_is_not_embedded():
+    slow = SlowEmbedder(5.0)
+    pool = EmbedPool(slow, workers=1, limit=2)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(pool.embed("a", timeout=None))
+    await asyncio.sleep(0.05)
+    gone = asyncio.ensure_future(pool.embed("never", timeout=None))
+    await asyncio.sleep(0)
+    gone.cancel()
+    slow.release.set()
+    await first
+    assert (await pool.embed("c", timeout=1.0))[0][0] == 1
+    assert ["never"] not in slow.batches and pool.busy == 0
+    pool.close()
+
+
+async def test_an_embedder_error_reaches_every_caller_of_its_pass():
+    class Broken:
+        def embed(self, texts: list[str]) -> np.ndarray:
+            raise RuntimeError("no weights")
+
+    pool = EmbedPool(Broken(), workers=1, limit=2)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="no weights"):
+        await pool.embed("a", timeout=1.0)
+    assert pool.busy == 0
     pool.close()
