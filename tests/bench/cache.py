@@ -192,21 +192,23 @@ def faiss_100k(n: int = 100_000) -> list[str]:
         q = vectors[i] + 0.017 * np.random.default_rng(i).standard_normal(DIMENSION).astype(np.float32)
         return q / np.linalg.norm(q)
 
-    def searched() -> tuple[list[float], float]:
-        times, found = [], 0
-        for i in range(0, n, n // 300):
+    def searched(queries: int) -> tuple[list[float], list[float], float]:
+        """Wall time and the searching thread's CPU time per search (their gap: time spent preempted)."""
+        times, cpu, found = [], [], 0
+        for i in range(0, n, n // queries):
             q = near(i)
-            t = time.perf_counter()
+            c0, t = time.thread_time(), time.perf_counter()
             c = index.search(scope, q, 4)
             times.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c0)
             found += c[0].entry_id == f"e{i}"
-        return times, found / len(times)
+        return times, cpu, found / len(times)
 
-    flat, flat_found = searched()
+    flat, flat_cpu, flat_found = searched(300)
     t0 = time.perf_counter()
     assert asyncio.run(index.rebuild(scope))
     promoted = time.perf_counter() - t0
-    ivf, ivf_found = searched()
+    ivf, ivf_cpu, ivf_found = searched(3000)
     per_entry = (python_bytes + faiss_bytes) / n
     return [f"## FAISS at 100,000 entries (one scope, one OpenMP thread): flat scan, then IVF (nprobe {NPROBE})", "",
             "| measure | flat (before promotion) | IVF (shipped above 4,096 entries) | ratio | goal |",
@@ -215,6 +217,10 @@ def faiss_100k(n: int = 100_000) -> list[str]:
             f"{pct(flat, 50) / pct(ivf, 50):.0f}x | <= 2 ms |",
             f"| search p99 | {pct(flat, 99) * 1e3:.2f} ms | {pct(ivf, 99) * 1e3:.2f} ms | "
             f"{pct(flat, 99) / pct(ivf, 99):.0f}x | |",
+            f"| search p99, CPU time of the searching thread | {pct(flat_cpu, 99) * 1e3:.2f} ms | "
+            f"{pct(ivf_cpu, 99) * 1e3:.2f} ms | | <= 2 ms |",
+            f"| searches over 1 ms wall / their median CPU time | | {sum(t > 1e-3 for t in ivf)} of {len(ivf)} / "
+            f"{statistics.median([c for t, c in zip(ivf, ivf_cpu) if t > 1e-3] or [0]) * 1e3:.2f} ms | | |",
             f"| a paraphrase-like query (cosine ~0.95) finds its entry first | {flat_found:.1%} | {ivf_found:.1%} | | |",
             "",
             "| measure | value | goal |", "|---|---:|---|",
