@@ -16,6 +16,14 @@ the weights once for all of them (measured in tests/bench/cache.md: four
 prompts in one pass cost well under four passes). Nothing waits for a batch
 to fill: a text that finds a worker free starts at once, alone, so a quiet
 gateway pays no added latency.
+
+Why a CPU share: under sustained load the pool is never empty, so without a
+bound the embedding thread would take a whole core from Envoy and the gateway
+on a small machine (measured: the all-miss gateway at half the throughput of
+the gateway without the cache on 2 cores). Embeddings may use ``cpu_share``
+of one core, a token bucket of forward-pass seconds refilled at that rate
+(with a burst of ``BURST`` s); past it a lookup is a ``bypass``
+(``cpu_budget``) until the bucket refills. A quiet gateway never meets it.
 """
 
 from __future__ import annotations
@@ -23,15 +31,21 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
 MAX_BATCH = 16  # texts in one forward pass; with the default limit (4) a batch never reaches it
+BURST = 0.1  # seconds of forward passes the CPU bucket holds: a dozen short prompts at once after a pause
 
 
 class Saturated(Exception):
-    """Every slot of the pool is taken."""
+    """Every slot of the pool is taken (``saturated``), or embeddings used their share of a core (``cpu_budget``)."""
+
+    def __init__(self, reason: str = "saturated") -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class TextEmbedder(Protocol):
@@ -43,7 +57,8 @@ Waiter = tuple[str, "asyncio.Future[tuple[np.ndarray, float]]"]
 
 class EmbedPool:
     def __init__(self, embedder: TextEmbedder, *, workers: int = 1, limit: int = 4,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH, cpu_share: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.embedder = embedder
         self.workers = workers
         self.limit = max(limit, workers)
@@ -52,6 +67,10 @@ class EmbedPool:
         self.passes = 0  # forward passes run (the specs and the bench read it)
         self._waiting: list[Waiter] = []
         self._running = 0
+        self.cpu_share = cpu_share
+        self.clock = clock
+        self._tokens = BURST  # seconds of forward passes that may start now
+        self._refilled = clock()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tollgate-embed")
 
     def _run(self, texts: list[str]) -> tuple[np.ndarray, float]:
@@ -63,6 +82,8 @@ class EmbedPool:
         """(unit vector, seconds its forward pass took); Saturated or TimeoutError instead of waiting."""
         if self.busy >= self.limit:
             raise Saturated()
+        if self.cpu_share is not None and self._bucket() <= 0:
+            raise Saturated("cpu_budget")
         self.busy += 1
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[np.ndarray, float]] = loop.create_future()
@@ -74,6 +95,17 @@ class EmbedPool:
         if not done:
             raise TimeoutError()
         return fut.result()
+
+    def rested(self) -> None:
+        """A full bucket (after the start-up warm-up pass, which no request asked for)."""
+        self._tokens, self._refilled = BURST, self.clock()
+
+    def _bucket(self) -> float:
+        now = self.clock()
+        assert self.cpu_share is not None
+        self._tokens = min(BURST, self._tokens + (now - self._refilled) * self.cpu_share)
+        self._refilled = now
+        return self._tokens
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand what waits to free workers, in batches (on the loop: no lock needed)."""
@@ -107,6 +139,8 @@ class EmbedPool:
             else:
                 vectors, seconds = work.result()
                 fut.set_result((vectors[i], seconds))
+        if not work.cancelled() and error is None:
+            self._tokens -= work.result()[1]  # the pass's time, charged once for the whole batch
         if not loop.is_closed():
             self._start(loop)
 

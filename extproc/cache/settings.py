@@ -13,6 +13,7 @@ names; a ``ValueError`` names the bad key (``cache.aliases.gpt-4o.threshold:
       lookup_budget: 25ms       # a lookup that would take longer is skipped (bypass)
       embed_workers: 1          # threads computing embeddings
       embed_queue: 4            # embeddings waiting or running at most; more: bypass (saturated)
+      embed_cpu: 0.25           # share of one core embeddings may use; past it: bypass (cpu_budget)
       control_dir: ~/.local/state/tollgate/cache-control  # without Redis: where `tollgate cache clear` finds
                                 # the running gateways (one Unix socket per ext_proc process)
       aliases:
@@ -37,6 +38,9 @@ MODES = ("off", "exact", "semantic")
 # gave 94.4 % precision at 17 % recall; on the other half 0.97 was only reached at 0.989 (2 % recall).
 # Adding lexical features (a logistic fit) did not do better held out, so the rule stays one number.
 DEFAULT_THRESHOLD = 0.95
+# At most a quarter of a core for embeddings: on the 2-core bench machine the all-miss gateway at c=16 fell to
+# 0.52x of the gateway without the cache when the embedding thread could take a whole core (tests/bench/cache.md).
+DEFAULT_EMBED_CPU = 0.25
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -58,6 +62,7 @@ class CacheSettings:
     lookup_budget: float = 0.025
     embed_workers: int = 1
     embed_queue: int = 4
+    embed_cpu: float = DEFAULT_EMBED_CPU
     store: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
     key_prefix: str = "tollgate"
@@ -113,6 +118,14 @@ def _threshold(v: Any, path: str, default: float) -> float:
     return float(v)
 
 
+def _share(v: Any, path: str) -> float:
+    if v is None:
+        return DEFAULT_EMBED_CPU
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= float(v) <= 8.0:
+        raise ValueError(f"{path}: expected the share of one core embeddings may use, from 0.01 to 8 (e.g. 0.25)")
+    return float(v)
+
+
 def _mode(v: Any, path: str, default: Mode) -> Mode:
     if v is None:
         return default
@@ -138,7 +151,7 @@ def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_ur
     if v is None:
         return None
     m = _mapping(v, path, {"mode", "namespace", "threshold", "ttl", "max_entries", "lookup_budget",
-                           "embed_workers", "embed_queue", "store", "aliases", "control_dir"})
+                           "embed_workers", "embed_queue", "embed_cpu", "store", "aliases", "control_dir"})
     mode = _mode(m.get("mode"), f"{path}.mode", "semantic")
     namespace = m.get("namespace", "team")
     if namespace not in ("team", "shared"):
@@ -164,6 +177,7 @@ def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_ur
         lookup_budget=_seconds(m.get("lookup_budget"), f"{path}.lookup_budget", 0.025, 0.001, 0.15),
         embed_workers=_integer(m.get("embed_workers"), f"{path}.embed_workers", 1, 1, 8),
         embed_queue=_integer(m.get("embed_queue"), f"{path}.embed_queue", 4, 1, 256),
+        embed_cpu=_share(m.get("embed_cpu"), f"{path}.embed_cpu"),
         store="redis" if (store == "redis" or (store == "auto" and redis_url)) else "memory",
         redis_url=redis_url, key_prefix=key_prefix, aliases=per_alias,
         control_dir=_directory(m.get("control_dir"), f"{path}.control_dir", control_dir, expand),

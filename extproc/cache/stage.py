@@ -90,6 +90,7 @@ class CacheStage:
         """Warm the embedder, rebuild the index from the store (Redis), then tail it."""
         if self.pool is not None:  # the first forward pass allocates and spins up BLAS: not on a request
             await self.pool.embed("warm up", timeout=None)
+            self.pool.rested()
         started = time.perf_counter()
         total = 0
         while True:
@@ -144,8 +145,8 @@ class CacheStage:
             return self._bypass(ex, "no_cache")
         try:
             d = await asyncio.wait_for(self._decide(state), self.settings.lookup_budget)
-        except Saturated:
-            return self._bypass(ex, "saturated")
+        except Saturated as e:
+            return self._bypass(ex, e.reason)
         except (asyncio.TimeoutError, TimeoutError):
             return self._bypass(ex, "timeout")
         except Exception as e:  # noqa: BLE001 - a broken cache must not break the request

@@ -25,10 +25,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.cache.embedder import DIMENSION, Embedder
 from extproc.cache.entry import Answer, Entry
@@ -339,6 +341,7 @@ def through_envoy(tmp: Path, seconds: float, rounds: int) -> list[str]:
                 print(f"  round {r + 1} {label:40} {w['rps']:7,.0f} req/s", file=sys.stderr, flush=True)
         single = [run_wrk(hit_url, fixed, 1, seconds) for _ in range(2)]
         split = _results(gws["cache on, every request a miss"])
+        reasons = _bypass_reasons(gws["cache on, every request a miss"])
     finally:
         for g in gws.values():
             g.stop()
@@ -355,9 +358,23 @@ def through_envoy(tmp: Path, seconds: float, rounds: int) -> list[str]:
     hit_p50 = statistics.median(w["p50_us"] for w in single) / 1e3
     lines += ["", f"A hit end to end through Envoy, one client at a time: p50 {hit_p50:.2f} ms "
               f"(goal <= 15 ms), p99 {statistics.median(w['p99_us'] for w in single) / 1e3:.2f} ms.", "",
-              f"What the all-miss gateway's lookups were (access log): {split}. A lookup that finds the "
-              "embedding pool full is skipped (bypass) rather than queued, by design.", ""]
+              f"What the all-miss gateway's lookups were (access log): {split}; its bypasses by reason "
+              f"(metrics): {reasons}. A lookup that finds the embedding pool full (saturated), or embeddings "
+              "past their share of a core (cpu_budget, `cache.embed_cpu`), is skipped rather than queued, by "
+              "design.", ""]
     return lines
+
+
+def _bypass_reasons(gw: Gateway) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, int] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "tollgate_cache_bypass_total":
+                reason = sample.labels.get("reason", "?")
+                out[reason] = out.get(reason, 0) + int(sample.value)
+    return out
 
 
 def _results(gw: Gateway) -> dict[str, int]:

@@ -97,3 +97,44 @@ async def test_an_embedder_error_reaches_every_caller_of_its_pass():
         await pool.embed("a", timeout=1.0)
     assert pool.busy == 0
     pool.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedEmbedder:
+    """Says each pass took ``seconds`` (its measured time is what the pool charges)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        time.sleep(self.seconds)
+        return np.ones((len(texts), 384), dtype=np.float32)
+
+
+async def test_embeddings_use_at_most_their_share_of_a_core_then_lookups_bypass_until_it_refills():
+    clock = Clock()
+    pool = EmbedPool(TimedEmbedder(0.06), workers=1, limit=4, cpu_share=0.25, clock=clock)  # type: ignore[arg-type]
+    await pool.embed("a", timeout=None)  # 0.1 s of burst, 0.06 used
+    await pool.embed("b", timeout=None)  # 0.04 left: admitted, and now overdrawn
+    with pytest.raises(Saturated) as refused:
+        await pool.embed("c", timeout=None)
+    assert refused.value.reason == "cpu_budget"
+    clock.now += 0.5  # a quarter of a core for half a second: 0.125 s more, capped at the burst
+    assert (await pool.embed("d", timeout=None))[0].shape == (384,)
+    pool.rested()
+    assert (await pool.embed("e", timeout=None))[0].shape == (384,)
+    pool.close()
+
+
+async def test_without_a_share_only_the_slots_bound_the_pool():
+    pool = EmbedPool(TimedEmbedder(0.06), workers=1, limit=4)  # type: ignore[arg-type]
+    for t in "abc":
+        await pool.embed(t, timeout=None)
+    pool.close()

@@ -43,6 +43,8 @@ def test_with_redis_the_entries_live_there():
     ("cache: {mode: fuzzy}", "cache.mode"),
     ("cache: {namespace: everyone}", "cache.namespace"),
     ("cache: {lookup_budget: 5s}", "cache.lookup_budget"),
+    ("cache: {embed_cpu: 0}", "cache.embed_cpu"),
+    ("cache: {embed_cpu: yes}", "cache.embed_cpu"),
     ("cache: {aliases: {nope: {mode: exact}}}", "cache.aliases.nope"),
     ("cache: {aliases: {chat: {ttl: soon}}}", "cache.aliases.chat.ttl"),
     ("cache: {treshold: 0.9}", "cache.treshold"),
