@@ -145,7 +145,8 @@ def _score(cfg: GatewayConfig, args: argparse.Namespace) -> int:
             print(f"tollgate: {args.pairs}:{p.line}: {p.error}; scored as bypass", file=sys.stderr)
     threshold, semantic = _threshold(cfg, args)
     started = time.perf_counter()
-    results = run(pairs, Embedder() if semantic else None, threshold=threshold, semantic=semantic)
+    backend = cfg.cache.embedder if cfg.cache is not None else "onnxruntime"
+    results = run(pairs, Embedder(backend=backend) if semantic else None, threshold=threshold, semantic=semantic)
     seconds = time.perf_counter() - started
     out = sys.stdout
     for pair, d in results:
