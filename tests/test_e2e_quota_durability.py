@@ -244,6 +244,29 @@ def test_redis_down_for_five_seconds_under_fail_open_is_charged_to_the_shared_bu
         assert sum(x.micro_usd for x in found) == billed(fake) == spent(redis, org(100))
 
 
+def test_a_sidecar_killed_during_an_outage_leaves_its_fail_open_spend_for_the_next_start(gateway, fake, tmp_path):
+    """Requests served under fail_open while Redis is down wait on disk (quota.ledger.pending), not only in
+    memory: a gateway SIGKILLed before Redis comes back leaves them to its successor, which charges them to
+    the shared budget and the ledger once, at the provider's bill."""
+    fake.default = Behaviour(reply=words(10))
+    with RedisProcess(tmp_path / "redis", appendonly=True) as redis:
+        gw = gateway(config(fake, redis, on_store_error="fail_open", replicas=1,
+                            limits={"org": {"usd_per_day": 100}}))
+        c = client(gw)
+        c.chat.completions.create(model="gpt-4o", messages=ASK, max_tokens=50)
+        redis.stop()
+        for _ in range(5):  # admitted locally, settled there; their shared charge waits for Redis
+            c.chat.completions.create(model="gpt-4o", messages=ASK, max_tokens=50)
+        assert (gw.tmp / "state" / "tollgate" / "quota-pending.sqlite3").exists()
+        gw.kill_sidecar()
+        redis.restart()
+        gw.start()
+        found = records(gw, redis, n=6, timeout=15)  # replayed by the new process's maintenance round
+        assert len({x.request_id for x in found}) == len(found) == len(fake.usage_log) == 6
+        assert sum(x.micro_usd for x in found) == billed(fake) == spent(redis, org(100))
+        assert "from an earlier run wait for the quota store" in gw.log()
+
+
 # --------------------------------------------------------------------------- what operators configure
 
 
