@@ -95,7 +95,8 @@ def quality(embedder: Embedder) -> list[str]:
                 mark = " **(shipped)**" if threshold == DEFAULT_THRESHOLD else ""
                 lines.append(f"| {name}: {src} | {threshold:.2f}{mark} | {s['pairs']} | {fmt(s['precision'])} | "
                              f"{fmt(s['recall'])} | {fmt(s['false_hit_rate'])} |")
-    lines += ["", f"({len(memo.seen)} texts embedded in {time.perf_counter() - started:.1f} s, one BLAS thread.)", ""]
+    lines += ["", f"({len(memo.seen)} texts embedded in {time.perf_counter() - started:.1f} s, one embedding "
+                  f"thread, {embedder.backend}.)", ""]
     return lines
 
 
