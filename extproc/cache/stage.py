@@ -144,7 +144,8 @@ class CacheStage:
         if "no-cache" in directives:
             return self._bypass(ex, "no_cache")
         try:
-            d = await asyncio.wait_for(self._decide(state), self.settings.lookup_budget)
+            async with asyncio.timeout(self.settings.lookup_budget):  # in this task: no task per lookup
+                d = await self._decide(state)
         except Saturated as e:
             return self._bypass(ex, e.reason)
         except (asyncio.TimeoutError, TimeoutError):
@@ -164,7 +165,7 @@ class CacheStage:
         d = await self.cache.find(p, None, cfg.threshold)
         if d.result == "hit_exact" or cfg.mode != "semantic" or self.pool is None:
             return d
-        vector, seconds = await self.pool.embed(p.prompt, timeout=None)  # wait_for above bounds it
+        vector, seconds = await self.pool.embed(p.prompt, timeout=None)  # the lookup's timeout bounds it
         self.metrics.embedded(seconds)
         state.vector = vector
         d = await self.cache.nearest(p, vector, cfg.threshold)
