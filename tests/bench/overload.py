@@ -119,6 +119,19 @@ async def _drive(port: int, conns: int, seconds: float) -> tuple[list[tuple[int,
     return out, lag
 
 
+def runqueue_wait(pid: int | str, prefix: str = "") -> float:
+    """Seconds the threads of ``pid`` (those whose name starts with ``prefix``) spent runnable but waiting
+    for a CPU, so far (the kernel's schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(prefix):
+                total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            continue
+    return total / 1e9
+
+
 def client_main(port: int, conns: int, seconds: float) -> None:
     try:
         import uvloop
@@ -126,8 +139,9 @@ def client_main(port: int, conns: int, seconds: float) -> None:
         uvloop.install()
     except ImportError:
         pass
+    waited = runqueue_wait("self")
     results, lag = asyncio.run(_drive(port, conns, seconds))
-    json.dump({"results": results, "lag": lag}, sys.stdout)
+    json.dump({"results": results, "lag": lag, "waited": runqueue_wait("self") - waited}, sys.stdout)
 
 
 # --------------------------------------------------------------------------- the runs
@@ -147,10 +161,14 @@ def upstream_requests(gw: Gateway) -> int:
 
 def measure(gw: Gateway, conns: int, seconds: float) -> dict[str, Any]:
     before = upstream_requests(gw)
+    assert gw.envoy is not None
+    envoy_waited, started = runqueue_wait(gw.envoy.pid, "wrk:"), time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tests.bench.overload", "--client", str(gw.port), str(conns),
                            str(seconds)], capture_output=True, cwd=REPO, check=True, timeout=seconds + 120)
     answer = json.loads(proc.stdout)
     results, lag = answer["results"], answer["lag"]
+    envoy_waited = runqueue_wait(gw.envoy.pid, "wrk:") - envoy_waited
+    elapsed = time.monotonic() - started  # the client's start-up included: Envoy waits then too
     time.sleep(0.5)
     reached = upstream_requests(gw) - before
     by_status: dict[int, list[float]] = {}
@@ -170,6 +188,8 @@ def measure(gw: Gateway, conns: int, seconds: float) -> dict[str, Any]:
         "served_p50": pct(by_status.get(200, []), 50), "served_p99": pct(by_status.get(200, []), 99),
         "refused_p50": pct(refused, 50), "refused_p99": pct(refused, 99), "refused_max": max(refused, default=0.0),
         "load": os.getloadavg()[0],
+        # share of the run each Envoy worker (on average) and the client spent waiting for a CPU
+        "envoy_wait": envoy_waited / gw.envoy_concurrency / elapsed, "client_wait": answer["waited"] / seconds,
         "lag_p50": pct(lag, 50), "lag_p99": pct(lag, 99), "lag_max": max(lag, default=0.0),
         **envoy_side(gw),
     }
@@ -288,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | answers | 200 | refused at once (503 `gateway_unavailable`) | message timeouts (503 "
         "`gateway_overloaded`, were 504) | 504 | other | unclean | reached provider | served p50 / p99 ms "
         "| refused p50 / p99 / max ms | Envoy's own time for a refusal p50 / p99 / max ms "
-        "| client loop lag p50 / p99 / max ms | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| client loop lag p50 / p99 / max ms | time waiting for a CPU: an Envoy worker / the client | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         others = r["total"] - r["served"] - r["refused"] - r["timed_out"] - r["counts"].get(504, 0)
@@ -299,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['reached']} | {ms(r['served_p50'])} / {ms(r['served_p99'])} "
             f"| {ms(r['refused_p50'])} / {ms(r['refused_p99'])} / {ms(r['refused_max'])} "
             f"| {ms3(r['envoy_refused_p50'])} / {ms3(r['envoy_refused_p99'])} / {ms3(r['envoy_refused_max'])} "
-            f"| {ms(r['lag_p50'])} / {ms(r['lag_p99'])} / {ms(r['lag_max'])} | {r['load']:.1f} |")
+            f"| {ms(r['lag_p50'])} / {ms(r['lag_p99'])} / {ms(r['lag_max'])} "
+            f"| {r['envoy_wait']:.0%} / {r['client_wait']:.0%} | {r['load']:.1f} |")
     lines += ["", "`-1`: the connection failed or was reset (counted, never expected). 'unclean': a non-200 answer "
               "that is not an OpenAI error, or a 429/503 without Retry-After.", ""]
     Path(args.out).write_text("\n".join(lines))
