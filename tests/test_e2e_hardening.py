@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from tests.conftest import providers_for
+from tests.harness import TOLLGATE
 from tests.fake_provider import Behaviour, split_reply
 
 pytestmark = pytest.mark.e2e
@@ -327,6 +328,51 @@ def test_sigkill_of_the_python_server_under_load_gives_json_errors_and_service_i
                                  text=True).stdout.split()
     assert envoy_after == envoy_before  # Envoy never exited
     assert extproc_pid(gw) != victim
+
+
+def test_a_request_arriving_while_the_python_server_is_down_waits_for_the_standby_instead_of_failing(
+        gateway, fake_openai, tmp_path):
+    """Envoy retries opening the exchange's gRPC stream when the connection fails (README: supervision), so a
+    request that comes in between a server's death and its standby binding is served, not refused."""
+    gw = gateway(single(fake_openai), split=True)
+    log = (tmp_path / "standby.log").open("ab")
+    standby = subprocess.Popen([TOLLGATE, "extproc", "--standby", "--config", str(gw.config_path), "--runtime-dir",
+                                str(gw.runtime)], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                               env=gw.env)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ext_proc standby ready" not in (tmp_path / "standby.log").read_bytes():
+            assert standby.poll() is None and time.monotonic() < deadline, "the standby did not get ready"
+            time.sleep(0.1)
+        gw.kill_extproc()
+        retries_before = extproc_retries(gw)
+        answer: list[object] = []
+
+        def ask() -> None:
+            try:
+                answer.append(client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES))
+            except BaseException as e:  # noqa: BLE001 - compared below
+                answer.append(e)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        while extproc_retries(gw) == retries_before:  # the first attempt failed: nothing listens now
+            assert not answer, answer  # the request did not end without a retry
+            time.sleep(0.002)
+        assert standby.stdin is not None
+        standby.stdin.write(b"go\n")
+        standby.stdin.flush()
+        asking.join(10)
+        assert len(answer) == 1 and not isinstance(answer[0], BaseException), answer
+        assert answer[0].choices[0].message.content  # type: ignore[attr-defined]
+    finally:
+        standby.terminate()
+        standby.wait(20)
+
+
+def extproc_retries(gw) -> int:
+    stats = gw.admin("/stats?filter=cluster.tollgate_extproc.upstream_rq_retry$")
+    return int(stats.split(":")[1]) if ":" in stats else 0
 
 
 def wait_for_record(gw, timeout: float = 5.0) -> dict:
