@@ -29,6 +29,7 @@ from extproc.errors import GatewayError, Internal
 from extproc.pipeline import messages
 from extproc.pipeline.attempt import AttemptExchange
 from extproc.pipeline.base import Processor, dispatch
+from extproc.pipeline.observe import MeterExchange
 from extproc.pipeline.outcome import OutcomeExchange
 from extproc.pipeline.router import RouterExchange, build_stages
 from extproc.pipeline.runtime import Runtime
@@ -50,6 +51,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return AttemptExchange(self.gw)
         if role == "outcome":
             return OutcomeExchange(self.gw)
+        if role == "meter":
+            return MeterExchange(self.gw)
         return RouterExchange(self.gw, self.stages)
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -68,6 +71,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     resp = dispatch(ex, phase, req)
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
+                    if req.observability_mode:  # Envoy waits for no answer (observe.py)
+                        continue
                     if isinstance(resp, tuple):
                         for part in resp:
                             yield part

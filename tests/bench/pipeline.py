@@ -8,6 +8,7 @@ Targets, all answering the same ~2 KB chat prompt from fake providers on loopbac
   full        what users run: JWT auth (cached token), quotas on a local redis-server, metrics, access log
   embedded    quotas on the embedded store, otherwise like base
   anthropic   base, but the alias's target is an Anthropic-schema provider (translated both ways)
+  observe     full, with the streamed alias on ``stream_chunks: observe`` (streams only: chunks pass unheld)
   litellm     the LiteLLM proxy (../shared/peers/litellm, one worker, no database), if it is set up
 
 Non-streaming: wrk at concurrency 16, several rounds, the order rotated every round so the machine's
@@ -62,6 +63,7 @@ class Subject:
     plain_model: str
     stream_model: str
     roles: dict[str, list[int]]
+    streams_only: bool = False
     rounds: list[dict[str, float]] = field(default_factory=list)
     cpu_us: list[dict[str, float]] = field(default_factory=list)
 
@@ -113,6 +115,7 @@ def configs(ports: dict[str, int], tmp: Path, redis_url: str) -> tuple[dict[str,
         "full": full,
         "embedded": {**base, "quota": quota},
         "anthropic": {"providers": providers("anthropic"), "models": models("claude-haiku-4-5")},
+        "observe": {**full, "models": {**full["models"], PACED: {**full["models"][PACED], "stream_chunks": "observe"}}},
     }, token
 
 
@@ -198,10 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                 gateways.append(gw)
                 kind = "anthropic" if key == "anthropic" else "openai"
                 roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
-                if key == "full":
+                if key in ("full", "observe"):
                     roles["redis"] = [redis.proc.pid] if getattr(redis, "proc", None) else []
                 subjects.append(Subject(key, gw.base_url.removesuffix("/v1"), gw.base_url.removesuffix("/v1"),
-                                        token if key == "full" else CLIENT_KEY, PLAIN, PACED, roles))
+                                        token if key in ("full", "observe") else CLIENT_KEY, PLAIN, PACED, roles,
+                                        streams_only=key == "observe"))
             if not args.no_peer:
                 peer, peer_port, peer_note = start_peer(tmp, ports["openai-plain"])
                 peer_s, peer_s_port, _ = start_peer(tmp, ports["openai-paced"]) if peer else (None, 0, "")
@@ -222,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                 if status != 200 or not isinstance(obj, dict) or not obj.get("choices"):
                     raise RuntimeError(f"{s.key} answered {status}: {str(obj)[:300]}")
                 scripts[s.key] = wrk_script(tmp / f"wrk-{s.key}.lua", body, s.bearer)
+            plain = [s for s in subjects if not s.streams_only]
             for r in range(rounds):
-                order = subjects[r % len(subjects):] + subjects[: r % len(subjects)]
+                order = plain[r % len(plain):] + plain[: r % len(plain)]
                 for s in order:
                     measure(s, 16, seconds, scripts[s.key])
                     print(f"  round {r + 1} {s.key:10} {s.rounds[-1]['rps']:8,.0f} req/s", file=sys.stderr, flush=True)
@@ -262,6 +267,8 @@ def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats],
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in subjects:
+        if s.streams_only:
+            continue
         rps = [w["rps"] for w in s.rounds]
         own = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in s.cpu_us) / 1000
         cells = [f"{cpu(s, r) / 1000:.2f}" if r in s.roles else "-" for r in ("envoy", "python", "redis", "litellm")]
