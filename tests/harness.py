@@ -7,6 +7,7 @@ from ``tollgate render-envoy``) as real processes, and stops them afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -165,6 +166,17 @@ class Gateway:
         self.proc.wait(10)
         self.proc = None
 
+    def kill_sidecar(self) -> None:
+        """SIGKILL ``tollgate run`` and every process it started at once (a container killed outright: no
+        child gets the chance to stop gracefully, as it does when only its parent dies)."""
+        assert self.proc is not None
+        family = [self.proc.pid, *descendants(self.proc.pid)]
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
     def stop(self) -> int | None:
         code = None
         for p in (self.proc, self.envoy):
@@ -225,3 +237,17 @@ class Gateway:
                 return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
         except urllib.error.HTTPError as e:
             return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(k) for k in children.read_text().split()]
+                found += kids
+                todo += kids
+    return found

@@ -4,7 +4,8 @@ Embedded (no Redis): the SQLite state file at ``quota.ledger.path`` (by
 default ``$XDG_STATE_HOME/tollgate/quota.sqlite3``) holds budgets, buckets,
 holds and the ledger; opening it turns the holds a killed process left open
 into ``unknown`` ledger records. Redis: one client with a blocking pool,
-shared by the store and the ledger.
+shared by the store and the ledger, and the on-disk backlog
+(``quota.ledger.pending``) for requests that finish while Redis is down.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from extproc.quota.ledger import RedisLedger, SqliteLedger
 from extproc.quota.memory_store import open_embedded
 from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.settings import QuotaSettings
+from extproc.quota.spool import Spool
 from extproc.quota.tokenizer import Tokenizer
 
 log = logging.getLogger("tollgate.quota")
@@ -33,7 +35,8 @@ def build_governor(
                          pool_wait=q.redis_pool_wait)
         store = RedisQuotaStore(client, tz=zone(q.time_zone), hash_tag=q.hash_tag)
         return Governor(q, store=store, ledger=RedisLedger(client, hash_tag=q.hash_tag, owns_client=False),
-                        tokenizer=tokenizer, on_store_error=on_store_error)
+                        tokenizer=tokenizer, on_store_error=on_store_error,
+                        spool=Spool(q.pending_path) if q.pending_path else None)
     path = q.ledger_path or "quota.sqlite3"
     embedded, recovered = open_embedded(path, tz=zone(q.time_zone))
     if recovered:

@@ -41,7 +41,10 @@ the next request that settles normally, and every 5 seconds by the
 governor's own task (``start``) (which also reaps expired leases, so a dead
 sidecar's holds reach the ledger without traffic). Each is idempotent by
 request id, so a replay never counts twice. ``close`` replays what is left
-and flushes the store before the process exits.
+and flushes the store before the process exits. With Redis, the backlog is
+also kept on disk (``spool.Spool``, written only while the store fails):
+what a process could not settle before it stopped or was killed during an
+outage is replayed by the next one on the machine.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from extproc.quota.memory_store import MemoryQuotaStore
 from extproc.quota.policy import QuotaPolicy, scaled
 from extproc.quota.prices import UsageLike
 from extproc.quota.settings import QuotaSettings
+from extproc.quota.spool import Kind, Pending, Spool
 from extproc.quota.store import QuotaStore, QuotaUnavailable
 from extproc.quota.tokenizer import OutputMeter, TokenCount, Tokenizer
 
@@ -114,8 +118,10 @@ class Governor:
         tokenizer: Tokenizer,
         clock: Clock = SYSTEM_CLOCK,
         on_store_error: Callable[[str], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        self.spool = spool  # the backlog's copy on disk, replayed by the next process if this one dies
         self.store = store
         self.ledger = ledger
         self.tokenizer = tokenizer
@@ -138,7 +144,18 @@ class Governor:
     def start(self, every: float = 5.0) -> None:
         """Run the maintenance task: replay the backlog and reap expired leases every ``every`` seconds."""
         if self._maintenance is None:
+            self._load_spool()
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain(every))
+
+    def _load_spool(self) -> None:
+        """Take up what an earlier process on this machine served and could not settle or record."""
+        if self.spool is None:
+            return
+        found = [_Unfinished.from_pending(p) for p in self.spool.load()]
+        if found:
+            log.warning("%d finished requests from an earlier run wait for the quota store (from %s): replaying",
+                        len(found), self.spool.path)
+            self._backlog.extendleft(reversed(found))
 
     async def _maintain(self, every: float) -> None:
         while True:
@@ -169,10 +186,16 @@ class Governor:
                 break
             await asyncio.sleep(0.5)
         for item in self._backlog:
-            log.error("stopping with request %s neither settled nor recorded (the quota store stayed down); "
-                      "its hold expires into an unknown record: %s", item.record.request_id, item.record)
+            if self.spool is not None:
+                log.error("stopping with request %s neither settled nor recorded (the quota store stayed down); "
+                          "kept in %s for the next start", item.record.request_id, self.spool.path)
+            else:
+                log.error("stopping with request %s neither settled nor recorded (the quota store stayed down); "
+                          "its hold expires into an unknown record: %s", item.record.request_id, item.record)
         await self.store.close()
         await self.ledger.close()
+        if self.spool is not None:
+            self.spool.close()
 
     async def admit(
         self, body: Mapping[str, Any], *, caller: Caller, model: str, stream: bool, endpoint: str = "chat",
@@ -229,11 +252,28 @@ class Governor:
             self._replaying = False
 
     def keep(self, item: _Unfinished) -> None:
+        if self.spool is not None and not item.spooled:
+            try:
+                self.spool.put(item.pending())
+                item.spooled = True
+            except Exception as e:  # a full or read-only disk: the memory backlog still has it
+                log.error("could not keep request %s on disk in %s: %s", item.record.request_id, self.spool.path, e)
         if len(self._backlog) >= BACKLOG_LIMIT:
             lost = self._backlog.popleft()
-            log.error("quota backlog full: request %s stays as reserved (its lease expires into a charge) and "
-                      "unrecorded: %s", lost.record.request_id, lost.record)
+            if lost.spooled:
+                log.error("quota backlog full: request %s waits on disk for the next start", lost.record.request_id)
+            else:
+                log.error("quota backlog full: request %s stays as reserved (its lease expires into a charge) and "
+                          "unrecorded: %s", lost.record.request_id, lost.record)
         self._backlog.append(item)
+
+    def unspool(self, item: _Unfinished) -> None:
+        if self.spool is not None:
+            try:
+                self.spool.drop(item.record.request_id)
+            except Exception as e:  # replayed again at the next start: idempotent by request id
+                log.warning("could not forget request %s in %s: %s", item.record.request_id, self.spool.path, e)
+            item.spooled = False
 
     def store_failed(self, op: str) -> None:
         self.store_errors += 1
@@ -371,7 +411,7 @@ class Admission:
                              usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, micro, cache_status,
                              outcome=outcome)
         self._finished = record
-        await self._g.complete(_Unfinished(self._store, self.reservation, record, self.plan.scopes))
+        await self._g.complete(_Unfinished.of(self._g, self._store, self.reservation, record, self.plan.scopes))
         return record
 
     async def _billed(
@@ -395,44 +435,65 @@ class Admission:
 class _Unfinished:
     """A finished request's settlement and ledger record, until both went through.
 
-    ``store`` is where it was held: the shared store (one settle writes the
-    budget change and the record), the fail-open local store (settled
-    there, then charged to the shared store with its record), or None when
-    nothing was held (the record alone goes to the ledger).
+    ``kind`` says what is left (see ``spool.Kind``): ``settle`` a hold in the
+    shared store (one call writes the budget change and the record),
+    ``charge`` a fail-open admission (settled on the ``local`` store first,
+    then charged to the shared store with its record) or ``append`` the record
+    alone (nothing was held). ``spooled``: also kept on disk (``Spool``).
     """
 
-    __slots__ = ("store", "reservation", "record", "scopes", "settled", "recorded")
+    __slots__ = ("kind", "local", "reservation", "record", "scopes", "spooled")
 
     def __init__(
-        self, store: QuotaStore | None, reservation: Reservation, record: UsageRecord,
-        scopes: tuple[ScopeLimits, ...] = (),
+        self, kind: Kind, reservation: Reservation | None, record: UsageRecord,
+        scopes: tuple[ScopeLimits, ...] = (), local: QuotaStore | None = None,
     ) -> None:
-        self.store = store
+        self.kind = kind
+        self.local = local  # settled (then None) before the shared charge
         self.reservation = reservation
         self.record = record
         self.scopes = scopes
-        self.settled = store is None
-        self.recorded = False
+        self.spooled = False
+
+    @classmethod
+    def of(cls, g: Governor, store: QuotaStore | None, reservation: Reservation, record: UsageRecord,
+           scopes: tuple[ScopeLimits, ...]) -> _Unfinished:
+        """What is left for a request held in ``store`` (None: nothing was held)."""
+        if store is None:
+            return cls("append", reservation, record)
+        if store is g.store:
+            return cls("settle", reservation, record, scopes)
+        return cls("charge", reservation, record, scopes, local=store)
+
+    @classmethod
+    def from_pending(cls, p: Pending) -> _Unfinished:
+        item = cls(p.kind, p.reservation, p.record, p.scopes)  # the local store died with its process
+        item.spooled = True
+        return item
+
+    def pending(self) -> Pending:
+        return Pending(self.kind, self.record, self.reservation, self.scopes)
 
     async def run(self, g: Governor, *, quiet: bool = False) -> bool:
         """Do what is left; False (and kept for later, unless ``quiet``) when the store failed."""
         r = self.record
         used = r.input_tokens + r.output_tokens
         try:
-            if self.store is None:
+            if self.kind == "append":
                 await g.ledger.append(r)
-            elif self.store is g.store:
+            elif self.kind == "settle" and self.reservation is not None:
                 await g.store.settle(self.reservation, used, r.micro_usd, r)
             else:
-                if not self.settled:
-                    await self.store.settle(self.reservation, used, r.micro_usd)
-                    self.settled = True
+                if self.local is not None and self.reservation is not None:
+                    await self.local.settle(self.reservation, used, r.micro_usd)
+                    self.local = None
                 await g.store.charge(self.scopes, used, r.micro_usd, reservation_id=r.request_id, record=r)
-            self.settled = self.recorded = True
         except GatewayError as e:
             if not quiet:
-                g.store_failed("charge" if self.store is g._local else "settle")
+                g.store_failed("charge" if self.kind == "charge" else "settle")
                 log.error("could not settle and record request %s (kept to retry): %s", r.request_id, e.message)
                 g.keep(self)
             return False
+        if self.spooled:
+            g.unspool(self)
         return True

@@ -179,20 +179,8 @@ class MemoryQuotaStore:
                 return Settlement(reservation.id, "unknown")
             if rec.state == "settled":
                 return Settlement(reservation.id, "duplicate", rec.tokens_delta, rec.micro_usd_delta)
-            outcome: Literal["late", "settled"] = "late" if rec.state == "expired" else "settled"
-            dt, dm = actual_tokens - rec.tokens, actual_micro_usd - rec.micro_usd
-            budgets = [(s.scope, b) for s in reservation.scopes for b in s.budgets]
-            for s in reservation.scopes:
-                if s.bucket is not None:
-                    self._bucket_add(bucket_key(s.scope), s.bucket, -dt * UNIT, now)
-            for (scope, b), start in zip(budgets, rec.windows, strict=True):
-                self._spend(budget_key(scope, b.period, start), dm)
-            rec.tokens_delta, rec.micro_usd_delta = dt, dm
-            self._close(reservation.id, rec, "settled", now)
-            if self._state is not None and record is not None:
-                # late: the expiry wrote an ``unknown`` record for this request; the settlement replaces it
-                self._state.record(replace(record, time=now / 1000), replace=outcome == "late")
-            return Settlement(reservation.id, outcome, dt, dm)
+            return self._close_hold(reservation.id, reservation.scopes, rec, actual_tokens, actual_micro_usd,
+                                    record, now)
 
     async def charge(
         self, scopes: Sequence[ScopeLimits], tokens: int, micro_usd: int, *, reservation_id: str,
@@ -204,8 +192,11 @@ class MemoryQuotaStore:
             now = self._now_ms()
             self._sweep(now)
             rec = self._records.get(reservation_id)
-            if rec is not None:
+            self._expire_if_due(reservation_id, rec, now)
+            if rec is not None and rec.state == "settled":
                 return Settlement(reservation_id, "duplicate", rec.tokens_delta, rec.micro_usd_delta)
+            if rec is not None:  # its reserve went through and only the reply was lost: settle that hold
+                return self._close_hold(reservation_id, tuple(scopes), rec, tokens, micro_usd, record, now)
             windows = tuple(self._window(b, now) for s in scopes for b in s.budgets)
             starts = iter(windows)
             for s in scopes:
@@ -219,6 +210,26 @@ class MemoryQuotaStore:
             if self._state is not None and record is not None:
                 self._state.record(replace(record, time=now / 1000))
             return Settlement(reservation_id, "settled", tokens, micro_usd)
+
+    def _close_hold(
+        self, rid: str, scopes: Sequence[ScopeLimits], rec: _Record, tokens: int, micro_usd: int,
+        record: UsageRecord | None, now: int,
+    ) -> Settlement:
+        """Settle an open or expired hold at what was used, on its own buckets and periods (lock held)."""
+        outcome: Literal["late", "settled"] = "late" if rec.state == "expired" else "settled"
+        dt, dm = tokens - rec.tokens, micro_usd - rec.micro_usd
+        budgets = [(s.scope, b) for s in scopes for b in s.budgets]
+        for s in scopes:
+            if s.bucket is not None:
+                self._bucket_add(bucket_key(s.scope), s.bucket, -dt * UNIT, now)
+        for (scope, b), start in zip(budgets, rec.windows, strict=True):
+            self._spend(budget_key(scope, b.period, start), dm)
+        rec.tokens_delta, rec.micro_usd_delta = dt, dm
+        self._close(rid, rec, "settled", now)
+        if self._state is not None and record is not None:
+            # late: the expiry wrote an ``unknown`` record for this request; the settlement replaces it
+            self._state.record(replace(record, time=now / 1000), replace=outcome == "late")
+        return Settlement(rid, outcome, dt, dm)
 
     async def reap(self) -> int:
         """Expire the leases that ran out (each into its ``unknown`` record); how many."""

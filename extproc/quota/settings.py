@@ -17,6 +17,9 @@ Example::
       stream_slice_tokens: 256         # bound on overshoot per in-flight stream
       default_max_tokens: 4096         # reserved (and injected) when a client sets none
       ledger: {path: /var/lib/tollgate/quota.sqlite3} # embedded mode: budgets, holds and the ledger (SQLite)
+      # Redis mode: ledger: {pending: /var/lib/tollgate/quota-pending.sqlite3} keeps finished requests on
+      # disk while Redis is down, for the next start if this process stops first (default under
+      # $XDG_STATE_HOME/tollgate)
       redis_pool: {max_connections: 128, wait: 1s}     # Redis mode: a call waits this long for a connection
       prices: {my-deployment: {input: 2.5, output: 10, cached_input: 1.25}}
       default_price: {input: 15, output: 60}          # omit to refuse unpriced models
@@ -68,6 +71,7 @@ class QuotaSettings:
     stream_slice_tokens: int = 256
     default_max_tokens: int = 4096
     ledger_path: str | None = None  # embedded mode: the SQLite state file (budgets, holds, ledger)
+    pending_path: str | None = None  # Redis mode: finished requests waiting on disk while the store is down
     redis_max_connections: int = 128
     redis_pool_wait: float = 1.0
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))
@@ -112,7 +116,7 @@ def parse_quota(
     except ValueError as e:  # the price parser names the key; the reader adds the line
         raise r.wrap(e) from None
     limits = r.mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
-    ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path"})
+    ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path", "pending"})
     pool = r.mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
     q = QuotaSettings(
         store=store, redis_url=redis_url if store == "redis" else None,
@@ -125,6 +129,7 @@ def parse_quota(
         default_max_tokens=r.integer(m.get("default_max_tokens"), f"{where}.default_max_tokens",
                                      d.default_max_tokens, 1, 1_000_000),
         ledger_path=r.string(ledger.get("path"), f"{where}.ledger.path"),
+        pending_path=r.string(ledger.get("pending"), f"{where}.ledger.pending"),
         redis_max_connections=r.integer(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
                                         d.redis_max_connections, 1, 10_000),
         redis_pool_wait=r.duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, lo=0.001, hi=60),
@@ -138,7 +143,11 @@ def parse_quota(
     )
     if models is not None:
         _check_priced(r, q.prices, models)
-    if reader is not None and q.store == "memory" and q.ledger_path is None:  # part of a gateway config
+    if q.pending_path:
+        q = replace(q, pending_path=r.path(q.pending_path))
+    elif reader is not None and q.store == "redis":  # part of a gateway config
+        q = replace(q, pending_path=r.state_path("quota-pending.sqlite3"))
+    if reader is not None and q.store == "memory" and q.ledger_path is None:
         return replace(q, ledger_path=r.state_path("quota.sqlite3"))
     if q.ledger_path:
         return replace(q, ledger_path=r.path(q.ledger_path))

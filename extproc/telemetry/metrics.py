@@ -91,7 +91,7 @@ class Metrics:
         self.rejections = Counter(
             "tollgate_quota_rejections",
             "Requests refused (or streams cut) by a token bucket or budget, by kind of scope (principal, team, "
-            "org, alias) and kind of limit (tokens, money).",
+            "org, alias) and kind of limit (tokens, money, requests).",
             ("scope", "kind"), registry=r)
         self.quota_store_errors = Counter(
             "tollgate_quota_store_errors",
@@ -193,7 +193,7 @@ class Metrics:
     def quota_rejected(self, scope_kind: str, kind: str) -> None:
         if self.enabled:
             scope = scope_kind if scope_kind in ("principal", "team", "org", "alias") else OTHER
-            self.rejections.labels(scope, kind if kind in ("tokens", "money") else OTHER).inc()
+            self.rejections.labels(scope, kind if kind in ("tokens", "money", "requests") else OTHER).inc()
 
     def quota_store_error(self, operation: str, policy: str) -> None:
         if self.enabled:

@@ -3,7 +3,8 @@
 Run against the embedded store (its SQLite file) and a real Redis: a settlement
 writes its record with the budget change; a hold whose lease runs out becomes
 an ``unknown`` record of exactly what it charged, and a late settlement
-replaces it; a fail-open catch-up (``charge``) counts once; request buckets
+replaces it; a fail-open catch-up (``charge``) counts once, and settles a
+hold whose reply was lost instead of leaving it to expire; request buckets
 take one per request. The embedded store also comes back after its process
 is killed outright, in a real child process.
 """
@@ -114,6 +115,33 @@ async def test_a_fail_open_catch_up_is_charged_and_recorded_once(books: Books) -
         await store.charge([TEAM], 130, 2_000, reservation_id="outage-1", record=used("outage-1", 100, 30, 2_000))
     found = await ledger(books)
     assert [(x.request_id, x.micro_usd) for x in found] == [("outage-1", 2_000)]
+    assert await spent(store) == 2_000
+
+
+async def test_a_catch_up_for_a_hold_whose_reply_was_lost_settles_that_hold_at_what_was_used(books: Books) -> None:
+    """A reserve reached the store as it went down and only its reply was lost: the sidecar admitted the
+    request locally (fail_open) and charges it afterwards under the same id. The hold is settled at the
+    real cost and recorded now, not left to expire into an ``unknown`` record at the held amount."""
+    store, _ = books
+    await store.reserve([TEAM], 600, 5_000, lease_seconds=60, reservation_id="cut", record=provisional("cut"))
+    caught_up = await store.charge([TEAM], 130, 2_000, reservation_id="cut", record=used("cut", 100, 30, 2_000))
+    assert (caught_up.outcome, caught_up.micro_usd_delta) == ("settled", 2_000 - 5_000)
+    found = await ledger(books)
+    assert [(x.request_id, x.micro_usd, x.outcome) for x in found] == [("cut", 2_000, "complete")]
+    assert await spent(store) == 2_000
+    await store.charge([TEAM], 130, 2_000, reservation_id="cut", record=used("cut", 100, 30, 2_000))
+    assert len(await ledger(books)) == 1 and await spent(store) == 2_000
+
+
+async def test_a_catch_up_after_the_lost_hold_expired_replaces_its_unknown_record(books: Books) -> None:
+    store, _ = books
+    await store.reserve([TEAM], 600, 5_000, lease_seconds=1, reservation_id="cut", record=provisional("cut"))
+    await asyncio.sleep(1.1)
+    await store.reap()
+    caught_up = await store.charge([TEAM], 130, 2_000, reservation_id="cut", record=used("cut", 100, 30, 2_000))
+    assert caught_up.outcome == "late"
+    found = await ledger(books)
+    assert [(x.request_id, x.micro_usd, x.outcome) for x in found] == [("cut", 2_000, "complete")]
     assert await spent(store) == 2_000
 
 

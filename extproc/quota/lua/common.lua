@@ -1,5 +1,6 @@
 -- Shared by every quota script: redis_store.py puts this file in front of
--- each of reserve.lua, top_up.lua and settle.lua before loading it.
+-- each of the other scripts (reserve, top_up, settle, charge, reap) before
+-- loading it.
 --
 -- KEYS[1] reservations (hash: id -> record), KEYS[2] open leases (zset:
 -- id by deadline), KEYS[3] closed reservations (zset: id by close time),
@@ -277,6 +278,72 @@ local function parse_new_checks(n, a, k, now)
     end
   end
   return checks, windows
+end
+
+-- The checks an existing hold was charged to, from a new request's
+-- arguments (as parse_new_checks reads them): its token buckets, and for each
+-- budget the period whose start the hold kept in `windows` (the one holding
+-- `now` if the hold is older than the three periods offered). Request buckets
+-- are left out: the hold's reserve already counted the request. nil on skew.
+local function parse_held_checks(n, a, k, windows, now)
+  local checks, j = {}, 1
+  for _ = 1, n do
+    if ARGV[a] == 'r' then
+      a, k = a + 3, k + 1
+    elseif ARGV[a] == 'b' then
+      table.insert(checks, {b = true, key = KEYS[k], cap = tonumber(ARGV[a + 1]) * UNIT,
+                            rate = tonumber(ARGV[a + 2])})
+      a, k = a + 3, k + 1
+    else
+      local chosen, current = nil, nil
+      for i = 0, 2 do
+        local start, finish = tonumber(ARGV[a + 2 + i]), tonumber(ARGV[a + 3 + i])
+        local c = {key = KEYS[k + i], limit = tonumber(ARGV[a + 1]), finish = finish}
+        if start == windows[j] then
+          chosen = c
+        end
+        if start <= now and now < finish then
+          current = c
+        end
+      end
+      chosen = chosen or current
+      if chosen == nil then
+        return nil
+      end
+      table.insert(checks, chosen)
+      a, k, j = a + 6, k + 3, j + 1
+    end
+  end
+  return checks
+end
+
+-- Close the hold `r` (open or expired) at what the request really used:
+-- apply used - held to `checks` (the hold's own buckets and periods), replace
+-- the `unknown` record an expiry wrote by `record` ('' for none) and mark it
+-- settled. Returns the outcome ('settled', or 'late' after an expiry) and
+-- the differences applied.
+local function close_hold(id, r, checks, tokens, micro, record, now, retention)
+  if r.s == 'open' and r.d <= now then
+    expire(id, r, now)
+  end
+  local outcome = 'settled'
+  if r.s == 'expired' then
+    outcome = 'late'
+  end
+  local dt, dm = tokens - r.t, micro - r.m
+  take(checks, dt, dm, now, retention)
+  if record ~= '' then
+    if r.x then
+      redis.call('XDEL', STREAM, r.x)
+      redis.call('ZREM', SEEN, id)
+    end
+    append_record(id, cjson.decode(record), now)
+  end
+  r.s, r.dt, r.dm, r.l, r.x = 'settled', dt, dm, nil, nil
+  save_record(id, r)
+  redis.call('ZREM', LEASES, id)
+  redis.call('ZADD', CLOSED, now, id)
+  return outcome, dt, dm
 end
 
 local function skew()

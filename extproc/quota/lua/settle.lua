@@ -16,25 +16,5 @@ end
 if r.s == 'settled' then
   return {'duplicate', r.dt, r.dm}
 end
-if r.s == 'open' and r.d <= now then
-  expire(id, r, now)
-end
-
-local outcome = 'settled'
-if r.s == 'expired' then
-  outcome = 'late'
-end
-local dt, dm = tokens - r.t, micro - r.m
-take(parse_checks(n, 7, 6), dt, dm, now, retention)
-if record ~= '' then
-  if r.x then
-    redis.call('XDEL', STREAM, r.x)
-    redis.call('ZREM', SEEN, id)
-  end
-  append_record(id, cjson.decode(record), now)
-end
-r.s, r.dt, r.dm, r.l, r.x = 'settled', dt, dm, nil, nil
-save_record(id, r)
-redis.call('ZREM', LEASES, id)
-redis.call('ZADD', CLOSED, now, id)
+local outcome, dt, dm = close_hold(id, r, parse_checks(n, 7, 6), tokens, micro, record, now, retention)
 return {outcome, dt, dm}
