@@ -171,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke-testing")
     ap.add_argument("--no-peer", action="store_true", help="leave the LiteLLM peer out")
+    ap.add_argument("--only", help="a comma-separated subset of the gateway targets (e.g. full,observe)")
+    ap.add_argument("--streams-only", action="store_true", help="the streaming part alone")
+    ap.add_argument("--stream-rounds", type=int, default=None, help="rotated rounds of the streaming part")
     args = ap.parse_args(argv)
     seconds, rounds = (2.0, 2) if args.quick else (6.0, 3)
     stream_plan = [(1, 8), (8, 32)] if args.quick else [(1, 40), (8, 160)]
+    stream_rounds_n = args.stream_rounds or rounds
     wrk = ensure_wrk()
     facts = machine_facts(wrk)
     started = time.monotonic()
@@ -193,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                     procs.append(p)
                     ports[f"{kind}-{flavour}"], pids[f"{kind}-{flavour}"] = port, p.pid
             cfgs, token = configs(ports, tmp, redis.url)
+            if args.only:
+                cfgs = {k: v for k, v in cfgs.items() if k in args.only.split(",")}
             subjects: list[Subject] = []
             for key, cfg in cfgs.items():
                 d = tmp / f"gw-{key}"
                 d.mkdir()
-                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY}).start()
+                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(d / "state")}).start()
                 gateways.append(gw)
                 kind = "anthropic" if key == "anthropic" else "openai"
                 roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
@@ -226,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                 if status != 200 or not isinstance(obj, dict) or not obj.get("choices"):
                     raise RuntimeError(f"{s.key} answered {status}: {str(obj)[:300]}")
                 scripts[s.key] = wrk_script(tmp / f"wrk-{s.key}.lua", body, s.bearer)
-            plain = [s for s in subjects if not s.streams_only]
-            for r in range(rounds):
+            plain = [] if args.streams_only else [s for s in subjects if not s.streams_only]
+            for r in range(rounds if plain else 0):
                 order = plain[r % len(plain):] + plain[: r % len(plain)]
                 for s in order:
                     measure(s, 16, seconds, scripts[s.key])
                     print(f"  round {r + 1} {s.key:10} {s.rounds[-1]['rps']:8,.0f} req/s", file=sys.stderr, flush=True)
             stream_stats: dict[tuple[str, int], StreamStats] = {}
             for conns, total in stream_plan:
-                got = asyncio.run(stream_rounds([direct, *subjects], conns, max(1, total // rounds), rounds))
+                got = asyncio.run(stream_rounds([direct, *subjects], conns, max(1, total // stream_rounds_n),
+                                                stream_rounds_n))
                 for k, st in got.items():
                     stream_stats[(k, conns)] = st
         finally:
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats], plan: list[tuple[int, int]],
            facts: dict[str, str], notes: list[str], seconds: float, rounds: int, took: float) -> str:
     by = {s.key: s for s in subjects}
-    base_rps = statistics.median(w["rps"] for w in by["base"].rounds)
+    ref = by.get("base") or next((s for s in subjects if s.rounds), None)
+    base_rps = statistics.median(w["rps"] for w in ref.rounds) if ref is not None else float("nan")
 
     def cpu(s: Subject, role: str | None = None) -> float:
         per_round = [sum(c.values()) if role is None else c.get(role, 0.0) for c in s.cpu_us]
@@ -267,14 +275,14 @@ def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats],
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in subjects:
-        if s.streams_only:
+        if not s.rounds:
             continue
         rps = [w["rps"] for w in s.rounds]
         own = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in s.cpu_us) / 1000
         cells = [f"{cpu(s, r) / 1000:.2f}" if r in s.roles else "-" for r in ("envoy", "python", "redis", "litellm")]
         lines.append(f"| {s.key} | {spread(rps)} | {statistics.median(rps) / base_rps:.2f} | "
                      f"{statistics.median(w['p50_us'] for w in s.rounds) / 1000:.2f} | {own:.2f} | " + " | ".join(cells) + " |")
-    if "litellm" in by:
+    if "litellm" in by and "full" in by:
         peer = by["litellm"]
         peer_rps = statistics.median(w["rps"] for w in peer.rounds)
         peer_cpu = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in peer.cpu_us)
