@@ -328,14 +328,17 @@ def _meter_filter(cfg: GatewayConfig) -> dict[str, Any]:
     waits for nothing, so the chunk moves on at once. It opens a gRPC stream
     only for a request the gateway stage marked (``x-tollgate-observe``; a
     matcher skips it otherwise, so other requests pay nothing), and only on the
-    answer's first chunk, which carries the request id as an attribute. It
+    answer's first chunk, which carries the request id as an attribute. The
+    server ends the call at the answer's last chunk: Envoy would otherwise
+    keep an observability stream open for its deferred-close time, and every
+    open stream counts against the ext_proc cluster's ``max_requests``. It
     fails open: a lost side stream costs the stream's reading (billed from
     the hold and the counted text), never the answer.
     """
     meter = ext_proc_filter("tollgate.meter", "meter", cfg)
     tc = meter["typed_config"]
     tc.update({"stat_prefix": "meter", "observability_mode": True, "failure_mode_allow": True, "allow_mode_override": False,
-               "deferred_close_timeout": "5s", "response_attributes": [REQUEST_ID_ATTRIBUTE]})
+               "deferred_close_timeout": "1s", "response_attributes": [REQUEST_ID_ATTRIBUTE]})
     tc["processing_mode"].update({"request_header_mode": "SKIP", "request_body_mode": "NONE",
                                   "response_header_mode": "SKIP", "response_body_mode": "STREAMED"})
     marked = {"single_predicate": {

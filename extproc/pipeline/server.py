@@ -72,6 +72,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
                     if req.observability_mode:  # Envoy waits for no answer (observe.py)
+                        if req.response_body.end_of_stream:
+                            break  # ending the call here frees Envoy's side at once, not after its deferred close
                         continue
                     if isinstance(resp, tuple):
                         for part in resp:

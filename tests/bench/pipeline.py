@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats], plan: list[tuple[int, int]],
            facts: dict[str, str], notes: list[str], seconds: float, rounds: int, took: float) -> str:
     by = {s.key: s for s in subjects}
-    ref = by.get("base") or next((s for s in subjects if s.rounds), None)
+    ref = by["base"] if "base" in by and by["base"].rounds else next((s for s in subjects if s.rounds), None)
     base_rps = statistics.median(w["rps"] for w in ref.rounds) if ref is not None else float("nan")
 
     def cpu(s: Subject, role: str | None = None) -> float:
@@ -308,6 +308,10 @@ def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats],
             added = f"{ttft - d_ttft:.2f}" if key != "fake (direct)" else "-"
             lines.append(f"| {key} | {conns} | {len(st.ttft)} / {len(st.failures)} | {ttft:.2f} | {added} | "
                          f"{total:.2f} | {py_chunk} |")
+    for (key, c), st in streams.items():
+        if st.failures:
+            reasons = sorted(set(st.failures))[:3]
+            notes.append(f"{key} at c={c}: {len(st.failures)} failed stream(s): " + "; ".join(reasons))
     lines += ["", "Notes:"] + [f"- {n}" for n in notes if n] + [
         f"- Machine: {facts.get('CPU', '?')}, {facts.get('nproc', '?')} cores, load at start "
         f"{facts.get('load average at start', '?')}. The machine is shared: read ratios, not absolutes."]
