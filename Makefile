@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
 	$(BIN)/python -m tests.bench.inbound --out tests/bench/inbound.md
+	$(BIN)/python -m tests.bench.overload --out tests/bench/overload.md
+	$(BIN)/python -m tests.bench.cuts --out tests/bench/cuts.md
 
 validate: $(STAMP)
 	$(BIN)/tollgate validate

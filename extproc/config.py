@@ -201,7 +201,8 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
                             key_prefix=redis.key_prefix if redis else "tollgate", reader=r, models=models)
     try:
         cache = parse_cache(top.get("cache"), "cache", aliases=list(models), redis_url=redis.url if redis else None,
-                            key_prefix=redis.key_prefix if redis else "tollgate")
+                            key_prefix=redis.key_prefix if redis else "tollgate",
+                            control_dir=r.state_path("cache-control"), expand=r.path)
     except ValueError as e:
         raise r.wrap(e) from None
     return GatewayConfig(

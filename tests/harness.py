@@ -74,6 +74,9 @@ _PORT_TAKEN = ("already in use", "address in use", "cannot listen", "cannot bind
 class Gateway:
     """One gateway under test. ``config`` is the gateway YAML as a dict, minus the ports."""
 
+    envoy_concurrency = 2  # Envoy's worker threads when split (benches compare others)
+    extproc_prefix: tuple[str, ...] = ()  # a command the split ext_proc server runs under (e.g. nice)
+
     def __init__(self, tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, split: bool = False):
         self.tmp = tmp
         self.given = dict(config)
@@ -138,7 +141,8 @@ class Gateway:
             rendered.write_bytes(out)
             self.start_extproc()
             self.envoy = subprocess.Popen(
-                [ENVOY, "-c", str(rendered), "--disable-hot-restart", "--concurrency", "2", "-l", "warning"],
+                [ENVOY, "-c", str(rendered), "--disable-hot-restart", "--concurrency", str(self.envoy_concurrency),
+                 "-l", "warning"],
                 stdout=self.envoy_log_path.open("ab"), stderr=subprocess.STDOUT,
             )
             wait_ready(self.admin_port, watch=(self.proc, self.envoy))
@@ -153,7 +157,7 @@ class Gateway:
 
     def start_extproc(self) -> None:
         self.proc = subprocess.Popen(
-            [TOLLGATE, "extproc", "--config", str(self.config_path), "--runtime-dir", str(self.runtime)],
+            [*self.extproc_prefix, TOLLGATE, "extproc", "--config", str(self.config_path), "--runtime-dir", str(self.runtime)],
             stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=self.env,
         )
         if "port" in self.config["extproc"]:

@@ -18,6 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.cache.metrics import CacheMetrics
 from extproc.config import parse_config
 from extproc.telemetry.metrics import Metrics
 from tests.conftest import providers_for
@@ -164,19 +165,25 @@ def test_the_dashboard_shows_what_an_sre_asks_for():
         "tollgate_upstream_errors_total",
         "histogram_quantile(0.99, sum by (le) (rate(tollgate_gateway_overhead_seconds_bucket",
         "histogram_quantile(0.5, sum by (le) (rate(tollgate_gateway_overhead_seconds_bucket",
+        "sum by (alias) (increase(tollgate_cache_saved_usd_total",
+        "sum by (alias) (increase(tollgate_cache_saved_tokens_total",
     ):
         assert needle in exprs, needle
     spend = next(p for p in all_panels(d) if p["title"] == "Spend per team per day")
     assert "[1d]" in spend["targets"][0]["expr"] and spend["interval"] == "1d"
 
 
-def registry() -> list[Any]:
+def registry(*, cache: bool = False) -> list[Any]:
+    """The gateway's own series; ``cache``: with those a ``cache:`` section adds (extproc/cache/metrics.py)."""
     cfg = parse_config("providers: {p: {type: demo}}\nmodels: {m: {targets: [{provider: p, model: x}]}}\n", env={})
-    return list(Metrics(cfg).registry.collect())
+    metrics = Metrics(cfg)
+    if cache:
+        CacheMetrics(metrics.registry)
+    return list(metrics.registry.collect())
 
 
 def test_every_metric_the_dashboard_queries_is_registered_by_the_gateway():
-    known = queryable(registry())
+    known = queryable(registry(cache=True))
     unknown = {name: expr for name, expr in names_used().items() if name not in known}
     assert not unknown, f"names the gateway does not expose (a counter needs _total, a histogram a suffix): {unknown}"
 
@@ -202,7 +209,9 @@ def test_every_family_a_query_uses_is_in_a_real_scrape(gateway, fake_openai, fak
     gw = gateway({
         "providers": providers_for(fake_openai, None, fake_anthropic),
         "models": {"gpt-4o": {"targets": [{"provider": "openai", "model": "gpt-4o"},
-                                          {"provider": "anthropic", "model": "claude-sonnet-4-5"}]}},
+                                          {"provider": "anthropic", "model": "claude-sonnet-4-5"}]},
+                   "cached": {"targets": [{"provider": "openai", "model": "gpt-4o"}]}},
+        "cache": {"mode": "exact", "aliases": {"gpt-4o": "off"}},  # the calls below must reach the providers
     })
     client = openai.OpenAI(base_url=gw.base_url, api_key="x", max_retries=0)
     fake_openai.default = Behaviour(chunks=6, token_delay=0.01, prompt_tokens=9, completion_tokens=6)
@@ -216,11 +225,16 @@ def test_every_family_a_query_uses_is_in_a_real_scrape(gateway, fake_openai, fak
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert gw.raw("POST", "/v1/chat/completions", b"{not json")[0] == 400  # a bad request
+    deadline = time.monotonic() + 5  # the savings panel: an answer stored, then served from the cache
+    while client.chat.completions.with_raw_response.create(
+            model="cached", messages=MESSAGES).headers["x-tollgate-cache"] != "hit-exact":
+        assert time.monotonic() < deadline, "the answer was never stored"
+        time.sleep(0.05)
 
     deadline = time.monotonic() + 5
     while True:
         families = scrape_families(gw.metrics_port)
-        if count(families, "tollgate_requests_total") >= 5 or time.monotonic() > deadline:
+        if count(families, "tollgate_requests_total") >= 7 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
 
@@ -239,6 +253,8 @@ def test_every_family_a_query_uses_is_in_a_real_scrape(gateway, fake_openai, fak
         "tollgate_fallback_attempts_total": 1,
         "tollgate_upstream_errors_total": 1,
         "tollgate_cache_lookups_total": 3,
+        "tollgate_cache_saved_tokens_total": 1,
+        "tollgate_cache_saved_usd_total": 1e-9,
         "tollgate_gateway_overhead_seconds_count": 1,
     }.items():
         assert count(families, sample) >= at_least, sample

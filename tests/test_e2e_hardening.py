@@ -15,7 +15,13 @@ import time
 import openai
 import pytest
 
+try:  # the SDKs' HTTP client, named as the installed SDK names it
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx  # type: ignore[no-redef]
+
 from tests.conftest import providers_for
+from tests.harness import TOLLGATE
 from tests.fake_provider import Behaviour, split_reply
 
 pytestmark = pytest.mark.e2e
@@ -238,37 +244,67 @@ def listens(pid: int) -> bool:
     return f"pid={pid}," in out
 
 
+LONG_REPLY = " ".join(f"w{i}" for i in range(30))
+
+
 def test_sigkill_of_the_python_server_under_load_gives_json_errors_and_service_is_back_within_2s(
         gateway, fake_openai):
+    """Plain requests and streams in flight when the serving process is SIGKILLed (README: supervision).
+
+    A request whose answer has not begun (request phase, or a plain answer Envoy still buffers for the
+    answer stage) gets a 503 in OpenAI's shape with Retry-After; only a stream whose 200 and first events had
+    already left is cut, and then as an incomplete body the SDK raises on, never as a success. Envoy stays
+    up; the standby serves within 2 s.
+    """
     gw = gateway(single(fake_openai))
     envoy_before = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-x", "envoy"], capture_output=True,
                                   text=True).stdout.split()
     victim = extproc_pid(gw)
-    fake_openai.default = Behaviour(token_delay=0.01)
+    fake_openai.default = Behaviour(reply=LONG_REPLY, first_token_delay=0.05, token_delay=0.01)
     client = client_of(gw, timeout=10)
-    outcomes: list[tuple[float, int | str]] = []
+    plain: list[tuple[float, int | str]] = []
+    streams: list[tuple[float, int | str, str]] = []
     failures: list[BaseException] = []
     stop = threading.Event()
 
-    def load() -> None:
+    def plain_load() -> None:
         try:
             while not stop.is_set():
                 at = time.monotonic()
                 try:
                     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-                    outcomes.append((at, 200))
+                    plain.append((at, 200))
                 except openai.APIStatusError as e:
-                    openai_error(e.response.text)
-                    outcomes.append((at, e.status_code))
+                    assert openai_error(e.response.text)["code"] == "gateway_unavailable"
+                    assert e.response.headers["retry-after"] == "1"
+                    plain.append((at, e.status_code))
                 except openai.APIConnectionError:
-                    outcomes.append((at, "reset"))  # a request in the dying process's hands
+                    plain.append((at, "reset"))
         except BaseException as e:  # noqa: BLE001 - reported to the test below
             failures.append(e)
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    def stream_load() -> None:
+        try:
+            while not stop.is_set():
+                at, got = time.monotonic(), []
+                try:
+                    for chunk in client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True):
+                        got.extend(c.delta.content or "" for c in chunk.choices)
+                    assert "".join(got) == LONG_REPLY
+                    streams.append((at, 200, "".join(got)))
+                except openai.APIStatusError as e:
+                    assert openai_error(e.response.text)["code"] == "gateway_unavailable"
+                    streams.append((at, e.status_code, ""))
+                except (openai.APIConnectionError, httpx.TransportError):
+                    streams.append((at, "cut", "".join(got)))
+        except BaseException as e:  # noqa: BLE001 - reported to the test below
+            failures.append(e)
+
+    threads = [threading.Thread(target=plain_load) for _ in range(3)]
+    threads += [threading.Thread(target=stream_load) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    time.sleep(1.0)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     time.sleep(3)
@@ -276,17 +312,67 @@ def test_sigkill_of_the_python_server_under_load_gives_json_errors_and_service_i
     for t in threads:
         t.join(15)
     assert failures == []
-    after = [(at - killed_at, what) for at, what in outcomes if at > killed_at]
-    assert after, outcomes
+    assert not [at for at, what in plain if what == "reset"], plain  # a plain request always gets JSON
+    after = [(at - killed_at, what) for at, what in plain if at > killed_at]
+    assert after, plain
     back = next(at for at, what in after if what == 200)
     assert back <= 2.0
-    assert {what for _, what in after if what != 200} <= {503, "reset"}
-    resets = [at for at, what in after if what == "reset"]
-    assert all(at < 0.1 for at in resets)  # only requests in flight at the kill
+    assert {what for _, what in after} <= {200, 503}
+    for at, what, text in streams:
+        assert what in (200, 503, "cut")
+        if what == "cut":  # only a stream already under way when the server died: a prefix, then no end
+            assert at < killed_at, (at - killed_at, text)
+            assert LONG_REPLY.startswith(text)
+    assert any(at > killed_at + back and what == 200 for at, what, _ in streams)  # streams are served again
     envoy_after = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-x", "envoy"], capture_output=True,
                                  text=True).stdout.split()
     assert envoy_after == envoy_before  # Envoy never exited
     assert extproc_pid(gw) != victim
+
+
+def test_a_request_arriving_while_the_python_server_is_down_waits_for_the_standby_instead_of_failing(
+        gateway, fake_openai, tmp_path):
+    """Envoy retries opening the exchange's gRPC stream when the connection fails (README: supervision), so a
+    request that comes in between a server's death and its standby binding is served, not refused."""
+    gw = gateway(single(fake_openai), split=True)
+    log = (tmp_path / "standby.log").open("ab")
+    standby = subprocess.Popen([TOLLGATE, "extproc", "--standby", "--config", str(gw.config_path), "--runtime-dir",
+                                str(gw.runtime)], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                               env=gw.env)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ext_proc standby ready" not in (tmp_path / "standby.log").read_bytes():
+            assert standby.poll() is None and time.monotonic() < deadline, "the standby did not get ready"
+            time.sleep(0.1)
+        gw.kill_extproc()
+        retries_before = extproc_retries(gw)
+        answer: list[object] = []
+
+        def ask() -> None:
+            try:
+                answer.append(client_of(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES))
+            except BaseException as e:  # noqa: BLE001 - compared below
+                answer.append(e)
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        while extproc_retries(gw) == retries_before:  # the first attempt failed: nothing listens now
+            assert not answer, answer  # the request did not end without a retry
+            time.sleep(0.002)
+        assert standby.stdin is not None
+        standby.stdin.write(b"go\n")
+        standby.stdin.flush()
+        asking.join(10)
+        assert len(answer) == 1 and not isinstance(answer[0], BaseException), answer
+        assert answer[0].choices[0].message.content  # type: ignore[attr-defined]
+    finally:
+        standby.terminate()
+        standby.wait(20)
+
+
+def extproc_retries(gw) -> int:
+    stats = gw.admin("/stats?filter=cluster.tollgate_extproc.upstream_rq_retry$")
+    return int(stats.split(":")[1]) if ":" in stats else 0
 
 
 def wait_for_record(gw, timeout: float = 5.0) -> dict:

@@ -60,6 +60,8 @@ def test_the_rendered_config_fails_closed_and_lets_long_streams_finish():
     for f in (gateway_filter, attempt_filter, outcome_filter):
         assert f["failure_mode_allow"] is False
         assert f["message_timeout"] == "1.000s"
+        # a failed connection to the Python server (restarting) is retried; a circuit-breaker refusal is not
+        assert f["grpc_service"]["retry_policy"]["retry_on"] == "connect-failure"
     assert listener["per_connection_buffer_limit_bytes"] == 4194304
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     gpt = next(r for r in routes if r["name"] == "alias:gpt-4o")

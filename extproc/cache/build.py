@@ -35,6 +35,7 @@ def build_cache(settings: CacheSettings | None, *, registry: CollectorRegistry |
         return None
     pool = None
     if settings.semantic:
-        pool = EmbedPool(embedder or Embedder(), workers=settings.embed_workers, limit=settings.embed_queue)
+        pool = EmbedPool(embedder or Embedder(backend=settings.embedder), workers=settings.embed_workers, limit=settings.embed_queue,
+                         cpu_share=settings.embed_cpu)
     return CacheStage(settings, open_store(settings, redis_password), CacheMetrics(registry, enabled=metrics_on),
                       pool=pool, spawn=spawn, ledger=ledger, cost_of=cost_of)

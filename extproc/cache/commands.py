@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from extproc.cache.build import open_store
+from extproc.cache.control import ControlError, ask_all
 from extproc.cache.embedder import Embedder
 from extproc.cache.score import read_pairs, run, tallies
 from extproc.cache.settings import DEFAULT_THRESHOLD
@@ -20,8 +21,9 @@ from extproc.credentials.secrets import redis_password
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("cache", help="the response cache: entries per namespace, clear, score labelled pairs")
     csub = p.add_subparsers(dest="cache_command", required=True)
-    stats = csub.add_parser("stats", help="live entries per namespace (from Redis)")
-    stats.add_argument("--config")
+    stats = csub.add_parser("stats", help="live entries per namespace (from Redis, or "
+                                                   "from the running gateways)")
+    stats.add_argument("--config")  # without redis: summed over the running gateway processes
     stats.add_argument("--namespace", help="only this namespace (a team, or shared)")
     clear = csub.add_parser("clear", help="remove a namespace's entries (or one alias's) on every sidecar")
     clear.add_argument("--config")
@@ -40,10 +42,11 @@ def cache_command(cfg: GatewayConfig, args: argparse.Namespace) -> int:
     if args.cache_command == "score":
         return _score(cfg, args)
     c = cfg.cache
-    if c is None or c.store != "redis":
-        print("tollgate: without redis: the cache lives inside each gateway process; see its "
-              "tollgate_cache_entries metric (restarting the gateway empties it)", file=sys.stderr)
+    if c is None:
+        print(f"tollgate: {cfg.source} has no cache: section", file=sys.stderr)
         return 2
+    if c.store != "redis":
+        return _local(c, args)
     password = redis_password(cfg.redis, environment())
     try:
         return asyncio.run(_stats(c, password, args) if args.cache_command == "stats" else _clear(c, password, args))
@@ -58,13 +61,7 @@ async def _stats(c: Any, password: str | None, args: argparse.Namespace) -> int:
         counts = await store.counts()
     finally:
         await store.close()
-    if args.namespace:
-        counts = {args.namespace: counts.get(args.namespace, 0)}
-    print(f"{'namespace':<32} {'entries':>9}")
-    for ns, n in sorted(counts.items()):
-        print(f"{ns:<32} {n:>9}")
-    if not counts:
-        print("no entries")
+    _print_counts(counts, args.namespace)
     return 0
 
 
@@ -77,6 +74,43 @@ async def _clear(c: Any, password: str | None, args: argparse.Namespace) -> int:
     what = f"namespace {args.namespace}" + (f", alias {args.alias}" if args.alias else "")
     print(f"removed {gone} entries of {what}")
     return 0
+
+
+def _local(c: Any, args: argparse.Namespace) -> int:
+    """Without Redis: ask every running gateway process through its control socket (``control.py``)."""
+    if args.cache_command == "stats":
+        request: dict[str, Any] = {"op": "stats"}
+    else:
+        request = {"op": "clear", "namespace": args.namespace, "alias": args.alias}
+    try:
+        replies = asyncio.run(ask_all(c.control_dir, request))
+    except ControlError as e:
+        print(f"tollgate: {e} (is the gateway running with this config?)", file=sys.stderr)
+        return 1
+    for failure in replies.failed:
+        print(f"tollgate: a gateway process did not answer: {failure}", file=sys.stderr)
+    n = len(replies.answers)
+    if args.cache_command == "clear":
+        gone = sum(int(a.get("removed", 0)) for a in replies.answers)
+        what = f"namespace {args.namespace}" + (f", alias {args.alias}" if args.alias else "")
+        print(f"removed {gone} entries of {what} from {n} gateway process{'es' if n != 1 else ''}")
+    else:
+        counts: dict[str, int] = {}
+        for a in replies.answers:
+            for ns, k in a.get("counts", {}).items():
+                counts[ns] = counts.get(ns, 0) + int(k)
+        _print_counts(counts, args.namespace)
+    return 1 if replies.failed else 0
+
+
+def _print_counts(counts: dict[str, int], namespace: str | None) -> None:
+    if namespace:
+        counts = {namespace: counts.get(namespace, 0)}
+    print(f"{'namespace':<32} {'entries':>9}")
+    for ns, n in sorted(counts.items()):
+        print(f"{ns:<32} {n:>9}")
+    if not counts:
+        print("no entries")
 
 
 def _threshold(cfg: GatewayConfig, args: argparse.Namespace) -> tuple[float, bool]:
@@ -111,7 +145,8 @@ def _score(cfg: GatewayConfig, args: argparse.Namespace) -> int:
             print(f"tollgate: {args.pairs}:{p.line}: {p.error}; scored as bypass", file=sys.stderr)
     threshold, semantic = _threshold(cfg, args)
     started = time.perf_counter()
-    results = run(pairs, Embedder() if semantic else None, threshold=threshold, semantic=semantic)
+    backend = cfg.cache.embedder if cfg.cache is not None else "onnxruntime"
+    results = run(pairs, Embedder(backend=backend) if semantic else None, threshold=threshold, semantic=semantic)
     seconds = time.perf_counter() - started
     out = sys.stdout
     for pair, d in results:

@@ -20,7 +20,7 @@ class CacheMetrics:
         self.enabled = enabled and registry is not None
         r = registry if registry is not None else CollectorRegistry()
         self.bypass = Counter("tollgate_cache_bypass", "Requests the cache did not look up or store, by reason "
-                              "(saturated, timeout, no_cache, n, logprobs, non_text, last_turn, mode_off, "
+                              "(saturated, cpu_budget, timeout, no_cache, n, logprobs, non_text, last_turn, mode_off, "
                               "store_error, ...).", ("alias", "reason"), registry=r)
         self.similarity = Histogram("tollgate_cache_similarity", "Cosine of the nearest stored prompt, per "
                                     "semantic lookup that found one.", ("alias",), buckets=SIMILARITY_BUCKETS,

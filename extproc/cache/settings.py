@@ -13,6 +13,10 @@ names; a ``ValueError`` names the bad key (``cache.aliases.gpt-4o.threshold:
       lookup_budget: 25ms       # a lookup that would take longer is skipped (bypass)
       embed_workers: 1          # threads computing embeddings
       embed_queue: 4            # embeddings waiting or running at most; more: bypass (saturated)
+      embed_cpu: 0.25           # share of one core embeddings may use; past it: bypass (cpu_budget)
+      embedder: onnxruntime     # or numpy: same vectors, ~2.5x slower, ~120 MB less memory per process
+      control_dir: ~/.local/state/tollgate/cache-control  # without Redis: where `tollgate cache clear` finds
+                                # the running gateways (one Unix socket per ext_proc process)
       aliases:
         gpt-4o: {mode: exact, ttl: 10m}
         demo: {threshold: 0.95}
@@ -24,7 +28,7 @@ sidecar shares them; otherwise they stay in this process.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +39,9 @@ MODES = ("off", "exact", "semantic")
 # gave 94.4 % precision at 17 % recall; on the other half 0.97 was only reached at 0.989 (2 % recall).
 # Adding lexical features (a logistic fit) did not do better held out, so the rule stays one number.
 DEFAULT_THRESHOLD = 0.95
+# At most a quarter of a core for embeddings: on the 2-core bench machine the all-miss gateway at c=16 fell to
+# 0.52x of the gateway without the cache when the embedding thread could take a whole core (tests/bench/cache.md).
+DEFAULT_EMBED_CPU = 0.25
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -56,9 +63,12 @@ class CacheSettings:
     lookup_budget: float = 0.025
     embed_workers: int = 1
     embed_queue: int = 4
+    embed_cpu: float = DEFAULT_EMBED_CPU
+    embedder: Literal["onnxruntime", "numpy"] = "onnxruntime"
     store: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
     key_prefix: str = "tollgate"
+    control_dir: str = "/tmp/tollgate-cache-control"  # the config sets it under the state directory
     aliases: Mapping[str, AliasCache] = field(default_factory=dict)
 
     def for_alias(self, alias: str) -> AliasCache:
@@ -110,6 +120,22 @@ def _threshold(v: Any, path: str, default: float) -> float:
     return float(v)
 
 
+def _share(v: Any, path: str) -> float:
+    if v is None:
+        return DEFAULT_EMBED_CPU
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.01 <= float(v) <= 8.0:
+        raise ValueError(f"{path}: expected the share of one core embeddings may use, from 0.01 to 8 (e.g. 0.25)")
+    return float(v)
+
+
+def _embedder(v: Any, path: str) -> Literal["onnxruntime", "numpy"]:
+    if v is None:
+        return "onnxruntime"
+    if v not in ("onnxruntime", "numpy"):
+        raise ValueError(f"{path}: expected onnxruntime or numpy")
+    return v  # type: ignore[no-any-return]
+
+
 def _mode(v: Any, path: str, default: Mode) -> Mode:
     if v is None:
         return default
@@ -120,13 +146,23 @@ def _mode(v: Any, path: str, default: Mode) -> Mode:
     return v  # type: ignore[no-any-return]
 
 
+def _directory(v: Any, key: str, default: str | None, expand: Callable[[str], str]) -> str:
+    if v is None:
+        return default or CacheSettings.control_dir
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{key}: expected a directory path")
+    return expand(v.strip())
+
+
 def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_url: str | None = None,
-                key_prefix: str = "tollgate") -> CacheSettings | None:
+                key_prefix: str = "tollgate", control_dir: str | None = None,
+                expand: Callable[[str], str] = lambda v: v) -> CacheSettings | None:
     """The section, or None when it is absent or ``mode: off`` with no alias turning it on."""
     if v is None:
         return None
     m = _mapping(v, path, {"mode", "namespace", "threshold", "ttl", "max_entries", "lookup_budget",
-                           "embed_workers", "embed_queue", "store", "aliases"})
+                           "embed_workers", "embed_queue", "embed_cpu", "embedder", "store", "aliases",
+                           "control_dir"})
     mode = _mode(m.get("mode"), f"{path}.mode", "semantic")
     namespace = m.get("namespace", "team")
     if namespace not in ("team", "shared"):
@@ -152,8 +188,11 @@ def parse_cache(v: Any, path: str = "cache", *, aliases: Sequence[str], redis_ur
         lookup_budget=_seconds(m.get("lookup_budget"), f"{path}.lookup_budget", 0.025, 0.001, 0.15),
         embed_workers=_integer(m.get("embed_workers"), f"{path}.embed_workers", 1, 1, 8),
         embed_queue=_integer(m.get("embed_queue"), f"{path}.embed_queue", 4, 1, 256),
+        embed_cpu=_share(m.get("embed_cpu"), f"{path}.embed_cpu"),
+        embedder=_embedder(m.get("embedder"), f"{path}.embedder"),
         store="redis" if (store == "redis" or (store == "auto" and redis_url)) else "memory",
         redis_url=redis_url, key_prefix=key_prefix, aliases=per_alias,
+        control_dir=_directory(m.get("control_dir"), f"{path}.control_dir", control_dir, expand),
     )
     if out.mode == "off" and all(a.mode == "off" for a in per_alias.values()):
         return None

@@ -90,6 +90,7 @@ class CacheStage:
         """Warm the embedder, rebuild the index from the store (Redis), then tail it."""
         if self.pool is not None:  # the first forward pass allocates and spins up BLAS: not on a request
             await self.pool.embed("warm up", timeout=None)
+            self.pool.rested()
         started = time.perf_counter()
         total = 0
         while True:
@@ -112,6 +113,19 @@ class CacheStage:
             self.pool.close()
         await self.cache.store.close()
 
+    # -- operator commands (``tollgate cache clear|stats`` through ``control.py`` when the store is this process)
+    async def clear(self, namespace: str, alias: str | None = None) -> int:
+        """Remove a namespace's entries (or one alias's) from the store and from the index."""
+        removed = await self.cache.store.clear(namespace, alias)
+        self.cache.index.drop(namespace, alias)
+        sizes = self.cache.index.counts()
+        self.metrics.sizes({namespace: sizes.get(namespace, 0), **sizes})
+        return removed
+
+    async def counts(self) -> dict[str, int]:
+        """Live entries per namespace, exact-only ones included."""
+        return await self.cache.store.counts()
+
     # -- lookup
     def namespace(self, team: str | None) -> str:
         return "shared" if self.settings.namespace == "shared" else (team or DEFAULT_NAMESPACE)
@@ -130,9 +144,10 @@ class CacheStage:
         if "no-cache" in directives:
             return self._bypass(ex, "no_cache")
         try:
-            d = await asyncio.wait_for(self._decide(state), self.settings.lookup_budget)
-        except Saturated:
-            return self._bypass(ex, "saturated")
+            async with asyncio.timeout(self.settings.lookup_budget):  # in this task: no task per lookup
+                d = await self._decide(state)
+        except Saturated as e:
+            return self._bypass(ex, e.reason)
         except (asyncio.TimeoutError, TimeoutError):
             return self._bypass(ex, "timeout")
         except Exception as e:  # noqa: BLE001 - a broken cache must not break the request
@@ -150,7 +165,7 @@ class CacheStage:
         d = await self.cache.find(p, None, cfg.threshold)
         if d.result == "hit_exact" or cfg.mode != "semantic" or self.pool is None:
             return d
-        vector, seconds = await self.pool.embed(p.prompt, timeout=None)  # wait_for above bounds it
+        vector, seconds = await self.pool.embed(p.prompt, timeout=None)  # the lookup's timeout bounds it
         self.metrics.embedded(seconds)
         state.vector = vector
         d = await self.cache.nearest(p, vector, cfg.threshold)

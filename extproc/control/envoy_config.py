@@ -146,7 +146,21 @@ def _grpc_service(filter_role: str, cfg: GatewayConfig) -> dict[str, Any]:
             "max_receive_message_length": 2 * cfg.limits.max_request_bytes + (1 << 20),
         },
         "initial_metadata": [{"key": FILTER_METADATA_KEY, "value": filter_role}],
+        "retry_policy": EXTPROC_RETRY,
     }
+
+
+# Opening an exchange's gRPC stream is retried when the connection to the Python server fails (it died
+# and the standby has not bound its port yet: tens of milliseconds), so a request arriving in that gap is
+# served instead of refused. Only a failed connection is retried: a stream refused by the circuit breaker
+# (overload) is not, so refusals stay immediate. Envoy's back-off is jittered (each wait is random below
+# base * 2^n, capped): five retries span ~0.3 s on average, 0.6 s at most, which is how much later a
+# request is refused when no server comes back at all.
+EXTPROC_RETRY: dict[str, Any] = {
+    "retry_on": "connect-failure",
+    "num_retries": 5,
+    "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.250s"},
+}
 
 
 def _ms(seconds: float) -> str:

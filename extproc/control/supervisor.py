@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.pipeline.runtime import attach_governor, build_runtime
+from extproc.cache.control import ControlServer
+from extproc.pipeline.runtime import Runtime as Gateway, attach_governor, build_runtime
 from extproc.quota.tokenizer import Tokenizer
 from extproc.config import GatewayConfig, environment
 from extproc.control.envoy_config import render_yaml
@@ -145,6 +146,7 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
             os.unlink(rt.demo_socket)
         demo = await start_demo(rt.demo_socket)
     server, processor, health = await start_server(gw)
+    control = await _cache_control(gw)
     if gw.governor is not None:
         gw.governor.start()  # replays settlements the store missed, reaps leases of dead sidecars
     gw.metrics.serve(cfg.metrics)
@@ -158,6 +160,8 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
         while processor.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await drain(server, health, max(0.0, min(grace, 2.0)))
+        if control is not None:
+            await control.close()
         await gw.close()  # every pending quota settlement and ledger record, then the store is flushed
         gw.metrics.close()
         await gw.vault.close()
@@ -167,6 +171,20 @@ async def serve_extproc(cfg: GatewayConfig, *, grace: float, runtime_dir: str | 
             await demo.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _cache_control(gw: Gateway) -> ControlServer | None:
+    """A process-local cache listens for ``tollgate cache clear|stats`` (with Redis they go through Redis)."""
+    if gw.cache is None or gw.cache.settings.store != "memory":
+        return None
+    control = ControlServer(gw.cache, gw.cache.settings.control_dir)
+    try:
+        await control.start()
+    except OSError as e:  # the cache still serves; only the command cannot reach it
+        log.warning("cache: no control socket in %s (%s): `tollgate cache clear` cannot reach this process",
+                    gw.cache.settings.control_dir, e)
+        return None
+    return control
 
 
 class Supervisor:

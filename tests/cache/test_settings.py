@@ -29,6 +29,7 @@ cache:
 """)
     c = cfg.cache
     assert c is not None and c.store == "memory" and c.namespace == "team" and c.lookup_budget == 0.025
+    assert c.embed_cpu == 0.25 and c.embedder == "onnxruntime"
     assert (c.for_alias("chat").mode, c.for_alias("chat").threshold, c.for_alias("chat").ttl) == ("semantic", 0.97, 600)
     assert c.for_alias("other").mode == "off" and c.semantic
 
@@ -43,6 +44,9 @@ def test_with_redis_the_entries_live_there():
     ("cache: {mode: fuzzy}", "cache.mode"),
     ("cache: {namespace: everyone}", "cache.namespace"),
     ("cache: {lookup_budget: 5s}", "cache.lookup_budget"),
+    ("cache: {embed_cpu: 0}", "cache.embed_cpu"),
+    ("cache: {embed_cpu: yes}", "cache.embed_cpu"),
+    ("cache: {embedder: torch}", "cache.embedder"),
     ("cache: {aliases: {nope: {mode: exact}}}", "cache.aliases.nope"),
     ("cache: {aliases: {chat: {ttl: soon}}}", "cache.aliases.chat.ttl"),
     ("cache: {treshold: 0.9}", "cache.treshold"),
