@@ -219,6 +219,10 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
     if workers > 1 and quota is not None and quota.store != "redis":
         raise r.fail("extproc.workers", "several workers need quota.store: redis (the embedded quota store is one "
                                         "file with one writer process)")
+    observed = [name for name, alias in models.items() if alias.stream_chunks == "observe"]
+    if workers > 1 and observed:  # a meter stream is never answered, so it cannot be relayed to its owner
+        raise r.fail("extproc.workers", f"several workers cannot meter observed streams yet: models.{observed[0]} "
+                                        "has stream_chunks: observe (use hold, or one worker)")
     return GatewayConfig(
         listen=r.address(top.get("listen"), "listen", LISTEN),
         extproc=r.address(_without(top.get("extproc"), "workers"), "extproc", EXTPROC),

@@ -77,6 +77,48 @@ def test_the_quota_section_refuses_an_unpriced_target_model_at_its_line():
     assert str(caught.value).endswith("(line 6)")
 
 
+STREAMS = """
+providers:
+  openai: {type: openai, api_key: {env: OPENAI_API_KEY}}
+  anthropic: {type: anthropic, api_key: {env: ANTHROPIC_API_KEY}}
+models:
+  fast:
+    targets: [{provider: openai, model: gpt-4o}, {provider: anthropic, model: claude-sonnet-4-5}]
+    stream_chunks: MODE
+"""
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("observe", "models.fast.stream_chunks: observe needs targets that answer in OpenAI's stream format; "
+                "'anthropic' does not"),
+    ("watch", "models.fast.stream_chunks: expected hold or observe, not 'watch'"),
+])
+def test_an_alias_observes_its_streams_only_when_no_target_needs_its_chunks_rewritten(mode, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(textwrap.dedent(STREAMS).replace("MODE", mode), source="t.yaml", env={})
+    assert message in str(caught.value)
+    assert str(caught.value).endswith("(line 8)")
+    held = parse_config(textwrap.dedent(STREAMS).replace("MODE", "hold"), source="t.yaml", env={})
+    assert held.models["fast"].stream_chunks == "hold"
+
+
+def test_several_workers_refuse_an_observed_alias_whose_meter_stream_could_not_reach_its_owner():
+    text = textwrap.dedent("""
+        extproc: {port: 50051, workers: 2}
+        redis: {url: redis://127.0.0.1:6379}
+        providers:
+          openai: {type: openai, api_key: {env: OPENAI_API_KEY}}
+        models:
+          fast: {targets: [{provider: openai, model: gpt-4o}], stream_chunks: observe}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="t.yaml", env={})
+    assert str(caught.value).startswith("t.yaml: extproc.workers: several workers cannot meter observed streams "
+                                        "yet: models.fast has stream_chunks: observe")
+    assert str(caught.value).endswith("(line 2)")
+    assert parse_config(text.replace("observe", "hold"), source="t.yaml", env={}).workers == 2
+
+
 # ---------------------------------------------------------------- the layering
 
 

@@ -35,6 +35,7 @@ from extproc.config import Address, GatewayConfig
 from extproc.errors import error_object
 from extproc.providers.settings import ModelAlias, Provider
 from extproc.pipeline.messages import OWN_REPLY_KEY, OWN_REPLY_NAMESPACE
+from extproc.pipeline.observe import OBSERVE_HEADER, REQUEST_ID_ATTRIBUTE
 from extproc.pipeline.server import FILTER_METADATA_KEY
 from extproc.pipeline.upstream import (
     CHOSEN_HEADER,
@@ -315,6 +316,7 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
         },
         "http_filters": [
             gateway_filter,
+            *([_meter_filter(cfg)] if any(a.stream_chunks == "observe" for a in cfg.models.values()) else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -330,6 +332,44 @@ def _listener(cfg: GatewayConfig, routes: list[dict[str, Any]]) -> dict[str, Any
         "address": _socket(cfg.listen),
         "per_connection_buffer_limit_bytes": cfg.limits.max_request_bytes,
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def _meter_filter(cfg: GatewayConfig) -> dict[str, Any]:
+    """The ``meter`` ext_proc filter, for aliases with ``stream_chunks: observe`` (pipeline/observe.py).
+
+    In ext_proc's observability mode: Envoy sends each chunk of the answer and
+    waits for nothing, so the chunk moves on at once. It opens a gRPC stream
+    only for a request the gateway stage marked (``x-tollgate-observe``; a
+    matcher skips it otherwise, so other requests pay nothing), and only on the
+    answer's first chunk, which carries the request id as an attribute. The
+    server ends the call at the answer's last chunk: Envoy would otherwise
+    keep an observability stream open for its deferred-close time, and every
+    open stream counts against the ext_proc cluster's ``max_requests``. It
+    fails open: a lost side stream costs the stream's reading (billed from
+    the hold and the counted text), never the answer.
+    """
+    meter = ext_proc_filter("tollgate.meter", "meter", cfg)
+    tc = meter["typed_config"]
+    tc.update({"stat_prefix": "meter", "observability_mode": True, "failure_mode_allow": True, "allow_mode_override": False,
+               "deferred_close_timeout": "1s", "response_attributes": [REQUEST_ID_ATTRIBUTE]})
+    tc["processing_mode"].update({"request_header_mode": "SKIP", "request_body_mode": "NONE",
+                                  "response_header_mode": "SKIP", "response_body_mode": "STREAMED"})
+    marked = {"single_predicate": {
+        "input": {"name": OBSERVE_HEADER, "typed_config": {
+            "@type": _T + "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", "header_name": OBSERVE_HEADER}},
+        "value_match": {"exact": "1"}}}
+    return {
+        "name": "tollgate.meter_if_observed",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": meter,
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"not_matcher": marked},
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": _T + "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            }]}},
+        },
     }
 
 
@@ -470,7 +510,7 @@ def _route(alias: ModelAlias, slots: int) -> dict[str, Any]:
         "name": f"alias:{alias.name}",
         "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": alias.name}}]},
         "route": action,
-        "request_headers_to_remove": [ROUTE_HEADER],
+        "request_headers_to_remove": [ROUTE_HEADER, *([OBSERVE_HEADER] if alias.stream_chunks == "observe" else [])],
     }
 
 

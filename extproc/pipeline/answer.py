@@ -41,7 +41,7 @@ Reply: TypeAlias = "messages.ProcessingResponse | tuple[messages.ProcessingRespo
 
 class Answer:
     __slots__ = ("gw", "translator", "streaming", "status", "cut", "guard", "reshape", "writer", "scrub", "invalid",
-                 "ended", "bytes", "since", "deadline", "min_rate", "grace", "usage", "content_seen")
+                 "ended", "bytes", "since", "deadline", "min_rate", "grace", "usage", "content_seen", "observing")
 
     def __init__(self, gw: Runtime) -> None:
         self.gw = gw
@@ -62,6 +62,7 @@ class Answer:
         self.grace = 0.0
         self.usage: Usage | None = None  # the stream's usage so far, from the translator's latest result
         self.content_seen = False  # the translator's results have shown generated content
+        self.observing = False  # the stream's chunks pass unheld and arrive through the meter stream (observe.py)
 
     def on_headers(self, ex: Exchange, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
         started = time.perf_counter()
@@ -107,6 +108,11 @@ class Answer:
                 self._bounds(ex)
                 out["content-type"] = "text/event-stream"
                 mode = messages.STREAMED
+                if ex.observed is not None:  # read on the side: this stream stops sending the body
+                    self.observing = True
+                    mode = messages.NONE
+        if self.observing:
+            ex.observed.start(ex, self)
         resp = messages.cont("response_headers", set_headers=out, remove_headers=remove, response_body_mode=mode)
         ex.response_seconds += time.perf_counter() - started
         return resp
@@ -179,6 +185,27 @@ class Answer:
         if step == "stop":
             return self._cut(ex, adm.refusal(), chunk)
         return self._top_up(ex, adm, chunk)
+
+    def observe(self, ex: Exchange, body: bytes, end: bool) -> None:
+        """One chunk of an observed stream, already on its way to the client: read it, change nothing.
+
+        The same reading as ``_chunk`` (usage, generated text, token times, the
+        cache), without what needs the chunk held: no scrubbing, no guardrails,
+        no cut at the budget or the time bounds (observe.py says what that gives up).
+        """
+        tr = self.translator
+        if tr is None or self.cut:
+            return
+        started = time.perf_counter()
+        self.ended = self.ended or end
+        res = tr.stream_chunk(body, end)
+        first_before, self.content_seen = self.content_seen, res.first_content
+        self._note_progress(ex, res, first_before)
+        if ex.cache_state is not None and self.gw.cache is not None:
+            self.gw.cache.seen(ex, body, whole=False, end=end)
+        if ex.admission is not None and res.text:
+            ex.admission.count_output(res.text)  # counted, and the next slice asked for ahead; never cut
+        ex.response_seconds += time.perf_counter() - started
 
     def _bounds(self, ex: Exchange) -> None:
         alias = self.gw.config.models[ex.alias]

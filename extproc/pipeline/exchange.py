@@ -67,6 +67,7 @@ class Exchange:
     tried_keys: set[tuple[str, int]] = field(default_factory=set)  # (provider, key) pairs this request used
     outcomes: list[list] = field(default_factory=list)  # per attempt: [provider, HTTP status or None (no answer)]
     retry: str | None = None  # what the latest failed attempt asked of the next one: "key" | "fallback"
+    observed: Any = None  # extproc.pipeline.observe.Observer when the answer's chunks pass unheld
 
     def outcome_text(self) -> str:
         """Each attempt's outcome, in order: ``openai=401,openai=200``; ``none`` where no answer came."""

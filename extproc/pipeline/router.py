@@ -47,6 +47,8 @@ its bearer token, and every error, and the answer, leave in Anthropic's shape.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import json
 import time
@@ -64,6 +66,7 @@ from extproc.pipeline.admission import admit_stage
 from extproc.pipeline.answer import Answer, Reply
 from extproc.pipeline.base import Stage, Verdict
 from extproc.pipeline.exchange import Exchange
+from extproc.pipeline.observe import GRACE, OBSERVE_HEADER, Observer, observable
 from extproc.pipeline.runtime import Runtime
 from extproc.pipeline.upstream import PREPARED_HEADER, ROUTE_HEADER, prepare
 from extproc.pipeline.validation import check_chat, check_content_type, check_embeddings, parse_json, resolve_alias
@@ -149,8 +152,12 @@ class Route:
             return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias}, clear_route_cache=True)
         ex.attempts = 1
         ex.body_rewritten = p.body is not None
-        return messages.cont("request_body", set_headers={ROUTE_HEADER: ex.alias, PREPARED_HEADER: "1", **p.set_headers},
-                             remove_headers=p.remove_headers, body=p.body, clear_route_cache=True)
+        headers = {ROUTE_HEADER: ex.alias, PREPARED_HEADER: "1", **p.set_headers}
+        if observable(self.rt, ex):  # its chunks pass at once; the meter filter reads them (observe.py)
+            ex.observed = Observer()
+            headers[OBSERVE_HEADER] = "1"
+        return messages.cont("request_body", set_headers=headers, remove_headers=p.remove_headers, body=p.body,
+                             clear_route_cache=True)
 
 
 def _for_anthropic(resp: messages.ProcessingResponse, alias: str) -> messages.ProcessingResponse:
@@ -277,9 +284,14 @@ class RouterExchange:
         return ex
 
     def on_response_headers(self, req: messages.ProcessingRequest) -> messages.ProcessingResponse:
-        if self.exchange is None:
+        ex = self.exchange
+        if ex is None:
             return messages.cont("response_headers")
-        return self.answer.on_headers(self.exchange, req)
+        try:
+            return self.answer.on_headers(ex, req)
+        finally:
+            if ex.observed is not None and self.answer.observing is False:
+                ex.observed.ignore()  # not observed after all (an error, Envoy's own reply): held as usual
 
     def on_response_body(self, req: messages.ProcessingRequest) -> Reply | Coroutine[Any, Any, Reply]:
         if self.exchange is None:
@@ -313,5 +325,14 @@ class RouterExchange:
         ex = self.exchange
         if ex is None:
             return
+        if ex.observed is not None and self.answer.observing and not ex.observed.done.is_set():
+            self.gw.spawn(self._close_when_observed(ex))  # the meter stream's last chunks may still come
+            return
+        self.answer.on_close(ex)
+        self.gw.release(ex)
+
+    async def _close_when_observed(self, ex: Exchange) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ex.observed.done.wait(), GRACE)
         self.answer.on_close(ex)
         self.gw.release(ex)

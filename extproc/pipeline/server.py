@@ -29,6 +29,7 @@ from extproc.errors import GatewayError, Internal
 from extproc.pipeline import messages
 from extproc.pipeline.attempt import AttemptExchange
 from extproc.pipeline.base import Processor, dispatch
+from extproc.pipeline.observe import MeterExchange
 from extproc.pipeline.outcome import OutcomeExchange
 from extproc.pipeline.relay import RELAYED_KEY, NotOwned, Peers, owned_request_id
 from extproc.pipeline.router import RouterExchange, build_stages
@@ -52,6 +53,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             return AttemptExchange(self.gw)
         if role == "outcome":
             return OutcomeExchange(self.gw)
+        if role == "meter":
+            return MeterExchange(self.gw)
         return RouterExchange(self.gw, self.stages)
 
     async def Process(  # noqa: N802 - the gRPC method name
@@ -93,6 +96,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     resp = dispatch(ex, phase, req)
                     if inspect.isawaitable(resp):  # stages that wait on I/O (JWKS, Redis) are coroutines
                         resp = await resp
+                    if req.observability_mode:  # Envoy waits for no answer (observe.py)
+                        if req.response_body.end_of_stream:
+                            break  # ending the call here frees Envoy's side at once, not after its deferred close
+                        continue
                     last = resp[-1] if isinstance(resp, tuple) else resp
                     if isinstance(resp, tuple):
                         for part in resp:

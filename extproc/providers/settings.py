@@ -80,6 +80,7 @@ class ModelAlias:
     answer_timeout: float = 600.0  # the whole answer, streamed or not, from the request's end
     min_bytes_per_second: float = 16.0  # a stream slower than this on average (after first_byte_timeout) is cut
     fallback_on: frozenset[str] = DEFAULT_FALLBACK_ON  # outcomes of an attempt that move on to the next target
+    stream_chunks: str = "hold"  # "observe": streamed chunks pass without waiting on the gateway (see answer.py)
 
 
 def parse_providers(r: Reader, v: Any) -> dict[str, Provider | None]:
@@ -164,7 +165,7 @@ def parse_models(r: Reader, v: Any, providers: dict[str, Provider | None]) -> di
 def parse_alias(r: Reader, name: str, v: Any, path: str, providers: dict[str, Provider | None]) -> ModelAlias | None:
     r.name(name, path, "model aliases")
     m = r.mapping(v, path, {"targets", "per_try_timeout", "first_byte_timeout", "retry_on_429", "owned_by",
-                            "answer_timeout", "min_bytes_per_second", "fallback_on"})
+                            "answer_timeout", "min_bytes_per_second", "fallback_on", "stream_chunks"})
     raw = m.get("targets")
     if not isinstance(raw, list) or not raw:
         raise r.fail(f"{path}.targets", "expected a non-empty list of {provider, model}")
@@ -190,7 +191,23 @@ def parse_alias(r: Reader, name: str, v: Any, path: str, providers: dict[str, Pr
         answer_timeout=r.duration(m.get("answer_timeout"), f"{path}.answer_timeout", 600.0, lo=1.0, hi=86400.0),
         min_bytes_per_second=_rate(r, m.get("min_bytes_per_second"), f"{path}.min_bytes_per_second", 16.0),
         fallback_on=parse_fallback_on(r, m, path),
+        stream_chunks=_stream_chunks(r, m.get("stream_chunks"), f"{path}.stream_chunks", targets, providers),
     )
+
+
+def _stream_chunks(r: Reader, v: Any, path: str, targets: list[Target], providers: dict[str, Provider | None]) -> str:
+    """``hold`` (the default: every chunk waits for the gateway) or ``observe`` (chunks pass at once, read
+    on the side). Observing suits only answers that pass unchanged: every target must speak OpenAI's API."""
+    mode = r.string(v, path, default="hold") or "hold"
+    if mode not in ("hold", "observe"):
+        raise r.fail(path, f"expected hold or observe, not {mode!r}")
+    if mode == "observe":
+        other = [t.provider for t in targets if (p := providers[t.provider]) is not None
+                 and p.type not in ("openai", "azure_openai")]
+        if other:
+            raise r.fail(path, f"observe needs targets that answer in OpenAI's stream format; {other[0]!r} does not "
+                               "(its chunks are translated, which needs them held)")
+    return mode
 
 
 def _rate(r: Reader, v: Any, path: str, default: float) -> float:

@@ -28,6 +28,7 @@ thread (both encoders release the GIL).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import threading
@@ -95,7 +96,13 @@ class TokenCount:
     exact: bool  # False: an approximation (another model's tokenizer, an unsized image, a tool call …)
 
 
+@functools.lru_cache(maxsize=1024)
 def family_of(model: str) -> Family:
+    """The model's tokenizer family, by the longest known prefix of its name.
+
+    Cached (bounded): it is asked for every counted text, once per streamed chunk
+    of a metered stream, and the answer for a name never changes (families are frozen).
+    """
     name = model.lower().rsplit("/", 1)[-1].removeprefix("ft:")  # provider/model, ft:base:org:…
     best = ""
     for prefix in FAMILIES:
@@ -146,6 +153,15 @@ class Tokenizer:
     def count_text(self, model: str, text: str) -> int:
         fam = family_of(model)
         return self._scaled(fam, self._encodings.counter(fam.encoding)(text)) if text else 0
+
+    def text_counter(self, model: str) -> Callable[[str], int]:
+        """``count_text`` for one model, with its family and encoder looked up once (a stream's meter)."""
+        fam = family_of(model)
+        count = self._encodings.counter(fam.encoding)
+        if fam.factor == 1.0:
+            return count
+        factor = fam.factor
+        return lambda text: math.ceil(count(text) * factor)
 
     def count_chat(self, model: str, body: Mapping[str, Any]) -> TokenCount:
         """Prompt tokens of a chat-completions body (``messages`` and ``tools``)."""
@@ -199,13 +215,19 @@ class OutputMeter:
         self._tokenizer = tokenizer
         self._model = model
         self._parts: list[str] = []
+        self._count: Callable[[str], int] | None = None  # the model's counter, found on the first delta
         self.tokens = 0  # running estimate
 
     def add(self, text: str) -> int:
         if text:
             self._parts.append(text)
-            self.tokens += self._tokenizer.count_text(self._model, text)
+            count = self._count or self._first_counter()
+            self.tokens += count(text)
         return self.tokens
+
+    def _first_counter(self) -> Callable[[str], int]:
+        self._count = self._tokenizer.text_counter(self._model)
+        return self._count
 
     @property
     def text(self) -> str:

@@ -8,6 +8,7 @@ Targets, all answering the same ~2 KB chat prompt from fake providers on loopbac
   full        what users run: JWT auth (cached token), quotas on a local redis-server, metrics, access log
   embedded    quotas on the embedded store, otherwise like base
   anthropic   base, but the alias's target is an Anthropic-schema provider (translated both ways)
+  observe     full, with the streamed alias on ``stream_chunks: observe`` (streams only: chunks pass unheld)
   litellm     the LiteLLM proxy (../shared/peers/litellm, one worker, no database), if it is set up
 
 Non-streaming: wrk at concurrency 16, several rounds, the order rotated every round so the machine's
@@ -62,6 +63,7 @@ class Subject:
     plain_model: str
     stream_model: str
     roles: dict[str, list[int]]
+    streams_only: bool = False
     rounds: list[dict[str, float]] = field(default_factory=list)
     cpu_us: list[dict[str, float]] = field(default_factory=list)
 
@@ -113,6 +115,7 @@ def configs(ports: dict[str, int], tmp: Path, redis_url: str) -> tuple[dict[str,
         "full": full,
         "embedded": {**base, "quota": quota},
         "anthropic": {"providers": providers("anthropic"), "models": models("claude-haiku-4-5")},
+        "observe": {**full, "models": {**full["models"], PACED: {**full["models"][PACED], "stream_chunks": "observe"}}},
     }, token
 
 
@@ -168,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke-testing")
     ap.add_argument("--no-peer", action="store_true", help="leave the LiteLLM peer out")
+    ap.add_argument("--only", help="a comma-separated subset of the gateway targets (e.g. full,observe)")
+    ap.add_argument("--streams-only", action="store_true", help="the streaming part alone")
+    ap.add_argument("--stream-rounds", type=int, default=None, help="rotated rounds of the streaming part")
     args = ap.parse_args(argv)
     seconds, rounds = (2.0, 2) if args.quick else (6.0, 3)
     stream_plan = [(1, 8), (8, 32)] if args.quick else [(1, 40), (8, 160)]
+    stream_rounds_n = args.stream_rounds or rounds
     wrk = ensure_wrk()
     facts = machine_facts(wrk)
     started = time.monotonic()
@@ -190,18 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                     procs.append(p)
                     ports[f"{kind}-{flavour}"], pids[f"{kind}-{flavour}"] = port, p.pid
             cfgs, token = configs(ports, tmp, redis.url)
+            if args.only:
+                cfgs = {k: v for k, v in cfgs.items() if k in args.only.split(",")}
             subjects: list[Subject] = []
             for key, cfg in cfgs.items():
                 d = tmp / f"gw-{key}"
                 d.mkdir()
-                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY}).start()
+                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(d / "state")}).start()
                 gateways.append(gw)
                 kind = "anthropic" if key == "anthropic" else "openai"
                 roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
-                if key == "full":
+                if key in ("full", "observe"):
                     roles["redis"] = [redis.proc.pid] if getattr(redis, "proc", None) else []
                 subjects.append(Subject(key, gw.base_url.removesuffix("/v1"), gw.base_url.removesuffix("/v1"),
-                                        token if key == "full" else CLIENT_KEY, PLAIN, PACED, roles))
+                                        token if key in ("full", "observe") else CLIENT_KEY, PLAIN, PACED, roles,
+                                        streams_only=key == "observe"))
             if not args.no_peer:
                 peer, peer_port, peer_note = start_peer(tmp, ports["openai-plain"])
                 peer_s, peer_s_port, _ = start_peer(tmp, ports["openai-paced"]) if peer else (None, 0, "")
@@ -222,14 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                 if status != 200 or not isinstance(obj, dict) or not obj.get("choices"):
                     raise RuntimeError(f"{s.key} answered {status}: {str(obj)[:300]}")
                 scripts[s.key] = wrk_script(tmp / f"wrk-{s.key}.lua", body, s.bearer)
-            for r in range(rounds):
-                order = subjects[r % len(subjects):] + subjects[: r % len(subjects)]
+            plain = [] if args.streams_only else [s for s in subjects if not s.streams_only]
+            for r in range(rounds if plain else 0):
+                order = plain[r % len(plain):] + plain[: r % len(plain)]
                 for s in order:
                     measure(s, 16, seconds, scripts[s.key])
                     print(f"  round {r + 1} {s.key:10} {s.rounds[-1]['rps']:8,.0f} req/s", file=sys.stderr, flush=True)
             stream_stats: dict[tuple[str, int], StreamStats] = {}
             for conns, total in stream_plan:
-                got = asyncio.run(stream_rounds([direct, *subjects], conns, max(1, total // rounds), rounds))
+                got = asyncio.run(stream_rounds([direct, *subjects], conns, max(1, total // stream_rounds_n),
+                                                stream_rounds_n))
                 for k, st in got.items():
                     stream_stats[(k, conns)] = st
         finally:
@@ -247,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats], plan: list[tuple[int, int]],
            facts: dict[str, str], notes: list[str], seconds: float, rounds: int, took: float) -> str:
     by = {s.key: s for s in subjects}
-    base_rps = statistics.median(w["rps"] for w in by["base"].rounds)
+    ref = by["base"] if "base" in by and by["base"].rounds else next((s for s in subjects if s.rounds), None)
+    base_rps = statistics.median(w["rps"] for w in ref.rounds) if ref is not None else float("nan")
 
     def cpu(s: Subject, role: str | None = None) -> float:
         per_round = [sum(c.values()) if role is None else c.get(role, 0.0) for c in s.cpu_us]
@@ -262,12 +275,14 @@ def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats],
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in subjects:
+        if not s.rounds:
+            continue
         rps = [w["rps"] for w in s.rounds]
         own = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in s.cpu_us) / 1000
         cells = [f"{cpu(s, r) / 1000:.2f}" if r in s.roles else "-" for r in ("envoy", "python", "redis", "litellm")]
         lines.append(f"| {s.key} | {spread(rps)} | {statistics.median(rps) / base_rps:.2f} | "
                      f"{statistics.median(w['p50_us'] for w in s.rounds) / 1000:.2f} | {own:.2f} | " + " | ".join(cells) + " |")
-    if "litellm" in by:
+    if "litellm" in by and "full" in by:
         peer = by["litellm"]
         peer_rps = statistics.median(w["rps"] for w in peer.rounds)
         peer_cpu = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in peer.cpu_us)
@@ -293,6 +308,10 @@ def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats],
             added = f"{ttft - d_ttft:.2f}" if key != "fake (direct)" else "-"
             lines.append(f"| {key} | {conns} | {len(st.ttft)} / {len(st.failures)} | {ttft:.2f} | {added} | "
                          f"{total:.2f} | {py_chunk} |")
+    for (key, c), st in streams.items():
+        if st.failures:
+            reasons = sorted(set(st.failures))[:3]
+            notes.append(f"{key} at c={c}: {len(st.failures)} failed stream(s): " + "; ".join(reasons))
     lines += ["", "Notes:"] + [f"- {n}" for n in notes if n] + [
         f"- Machine: {facts.get('CPU', '?')}, {facts.get('nproc', '?')} cores, load at start "
         f"{facts.get('load average at start', '?')}. The machine is shared: read ratios, not absolutes."]
