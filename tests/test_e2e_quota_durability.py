@@ -198,11 +198,13 @@ def test_five_hundred_concurrent_requests_get_no_false_store_errors(gateway, fak
     fake.default = Behaviour(reply=words(5), first_token_delay=0.5)
     with RedisProcess(tmp_path / "redis", appendonly=True) as redis:
         # a small pool on purpose: 500 calls share 8 connections, waiting their turn instead of failing
-        cfg = config(fake, redis, redis_pool={"max_connections": 8, "wait": "2s"},
+        cfg = config(fake, redis, redis_pool={"max_connections": 8, "wait": "10s"},
                      limits={"org": {"usd_per_day": 100}, "principals": {"*": {"tokens_per_minute": 10_000_000}}})
         # This spec is about the store's pool, so Envoy's cap on exchanges in flight (which would refuse most
         # of the 500 at once with a 503, by design: tests/test_e2e_hardening.py) is raised above the burst.
-        cfg["envoy"] = {"message_timeout": "5s", "max_exchanges": 1024}
+        # The generous waits keep a CPU-starved test machine from turning a slow turn into a failure; a pool that
+        # does not wait fails at once ("Too many connections") whatever the wait.
+        cfg["envoy"] = {"message_timeout": "15s", "max_exchanges": 1024}
         gw = gateway(cfg)
 
         async def one(c: openai.AsyncOpenAI) -> str:
@@ -228,8 +230,9 @@ def test_five_hundred_concurrent_requests_get_no_false_store_errors(gateway, fak
 def test_redis_down_for_five_seconds_under_fail_open_is_charged_to_the_shared_budget_once(gateway, fake, tmp_path):
     fake.default = Behaviour(reply=words(10), first_token_delay=0.02)
     with RedisProcess(tmp_path / "redis", appendonly=True) as redis:
-        gw = gateway(config(fake, redis, on_store_error="fail_open", replicas=1,
-                            limits={"org": {"usd_per_day": 100}}))
+        cfg = config(fake, redis, on_store_error="fail_open", replicas=1, limits={"org": {"usd_per_day": 100}})
+        cfg["envoy"] = {"message_timeout": "5s"}  # about money, not latency: a busy test machine is no failure here
+        gw = gateway(cfg)
         with Load(gw, 4) as load:
             time.sleep(1.5)
             redis.stop()

@@ -141,7 +141,9 @@ def test_four_sidecars_on_one_redis_never_overspend_and_charge_exactly_what_the_
         cfg = {
             "providers": providers_for(fake),
             "models": {"plain": {"targets": target}, "chat": {"targets": target}},
-            "envoy": {"concurrency": 1},
+            # about money, not latency: a generous per-message timeout keeps a CPU-starved test machine from
+            # cutting streams mid-way (an ext_proc message timeout after the headers is a reset the SDK raises)
+            "envoy": {"concurrency": 1, "message_timeout": "5s"},
             "redis": {"url": redis.url, "key_prefix": "e2e"},
             "quota": {"stream_slice_tokens": SLICE, "limits": {"aliases": {
                 "plain": {"usd_per_day": PLAIN_BUDGET}, "chat": {"usd_per_day": CHAT_BUDGET}}}},
