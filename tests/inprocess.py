@@ -132,10 +132,11 @@ class InProcessGateway:
         """A new stream from the ``gateway`` (router-level) or ``attempt`` (upstream) filter."""
         return Stream(self.stub.Process(metadata=((FILTER_METADATA_KEY, role),)))
 
-    async def plain_exchange(self, request_id: str, body: bytes, answer: bytes, target: str = "gpt#0") -> None:
+    async def plain_exchange(self, request_id: str, body: bytes, answer: bytes, target: str = "gpt#0",
+                             headers: dict[str, str] | None = None) -> None:
         """The four messages of a plain (non-streamed) request answered 200 by ``target``, as Envoy sends them."""
         s = self.open()
-        await s.send(request_headers(request_id=request_id))
+        await s.send(request_headers(request_id=request_id, **(headers or {})))
         await s.send(body_message("request_body", body))
         await s.send(headers_message("response_headers", {":status": "200", "content-type": "application/json",
                                                           "x-tollgate-target": target}))
