@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.credentials.scrub import REDACTED, Scrubber
+from extproc.credentials.scrub import REDACTED, Scrubber, scrubber_for
 
 KEY = "sk-proj-CANARY7f3a9cQwErTy0123456789abcd"
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ0b2xsZ2F0ZSJ9.c2lnbmF0dXJlLWJ5dGVz"  # an Azure AD bearer token's shape
@@ -55,3 +55,10 @@ def test_bytes_headers_and_the_cheap_path():
 def test_no_secrets_means_nothing_to_do():
     s = Scrubber([])
     assert not s and s.text(f"{KEY}") == KEY and s.headers({"a": KEY}) == {}
+
+
+def test_the_scrubber_for_a_set_of_secrets_is_built_once_and_scrubs_the_same() -> None:
+    s = scrubber_for([KEY, TOKEN])
+    assert scrubber_for([TOKEN, KEY]) is s  # one per set, whatever the order the exchange injected them in
+    text = f"Incorrect API key provided: {KEY[:6]}****{KEY[-4:]} and {TOKEN}"
+    assert s.text(text) == Scrubber([KEY, TOKEN]).text(text) != text

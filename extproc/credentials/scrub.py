@@ -25,6 +25,7 @@ echoes a key does so in an error.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -90,3 +91,19 @@ class Scrubber:
         if self._pattern is None:
             return {}
         return {k: v2 for k, v in headers.items() if not k.startswith(":") and (v2 := self.text(v)) != v}
+
+
+def scrubber_for(secrets: Iterable[str]) -> Scrubber:
+    """The (immutable) Scrubber for these secrets, built once per set of them.
+
+    Building one writes out every run of every secret and compiles the
+    pattern: tens of µs, once per exchange before this. An exchange's
+    secrets are one or two of the gateway's few provider keys, so a small
+    cache serves every request; rotating tokens (Azure AD) fall out of it.
+    """
+    return _scrubber(frozenset(secrets))
+
+
+@functools.lru_cache(maxsize=256)
+def _scrubber(secrets: frozenset[str]) -> Scrubber:
+    return Scrubber(secrets)

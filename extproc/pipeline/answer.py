@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 from extproc.pipeline import messages
 from extproc.pipeline.runtime import Runtime
-from extproc.credentials.scrub import Scrubber
+from extproc.credentials.scrub import scrubber_for
 from extproc.errors import GatewayError, GuardrailViolation, QuotaExceeded, UpstreamError
 from extproc.guardrails.stream import StreamGuard
 from extproc.providers.inbound_anthropic import EventWriter, answer_body, from_openai_error
@@ -52,7 +52,7 @@ class Answer:
         self.guard: StreamGuard | None = None  # the guardrails' sliding window over a streamed answer
         self.reshape = False  # Envoy's own (OpenAI-shaped) error, for a client of Anthropic's API
         self.writer: EventWriter | None = None  # a stream for a client of Anthropic's API: its events, last
-        self.scrub = Scrubber(())  # the exchange's injected credentials, taken out of everything passed on
+        self.scrub = scrubber_for(())  # the exchange's injected credentials, taken out of everything passed on
         self.invalid: str | None = None  # why a 2xx answer cannot be passed on (known from its headers)
         self.ended = False  # the answer's last byte reached this stage
         self.bytes = 0  # of the stream, as the provider sent them
@@ -80,7 +80,7 @@ class Answer:
             return self._envoys_own(ex, req, out)
         _alias, target, provider = self.gw.config.target(ex.alias, tag[1])
         self.translator = translator
-        self.scrub = Scrubber(ex.secrets)
+        self.scrub = scrubber_for(ex.secrets)
         ex.provider, ex.target_model, ex.last_attempt_status = provider.name, target.model, status
         if ex.outcomes:
             ex.outcomes[-1][1] = status
