@@ -445,7 +445,7 @@ class _Unfinished:
     __slots__ = ("kind", "local", "reservation", "record", "scopes", "spooled")
 
     def __init__(
-        self, kind: Kind, reservation: Reservation | None, record: UsageRecord,
+        self, kind: Kind, reservation: Reservation, record: UsageRecord,
         scopes: tuple[ScopeLimits, ...] = (), local: QuotaStore | None = None,
     ) -> None:
         self.kind = kind
@@ -481,10 +481,10 @@ class _Unfinished:
         try:
             if self.kind == "append":
                 await g.ledger.append(r)
-            elif self.kind == "settle" and self.reservation is not None:
+            elif self.kind == "settle":
                 await g.store.settle(self.reservation, used, r.micro_usd, r)
             else:
-                if self.local is not None and self.reservation is not None:
+                if self.local is not None:
                     await self.local.settle(self.reservation, used, r.micro_usd)
                     self.local = None
                 await g.store.charge(self.scopes, used, r.micro_usd, reservation_id=r.request_id, record=r)

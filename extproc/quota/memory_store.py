@@ -196,7 +196,7 @@ class MemoryQuotaStore:
             if rec is not None and rec.state == "settled":
                 return Settlement(reservation_id, "duplicate", rec.tokens_delta, rec.micro_usd_delta)
             if rec is not None:  # its reserve went through and only the reply was lost: settle that hold
-                return self._close_hold(reservation_id, tuple(scopes), rec, tokens, micro_usd, record, now)
+                return self._close_hold(reservation_id, scopes, rec, tokens, micro_usd, record, now)
             windows = tuple(self._window(b, now) for s in scopes for b in s.budgets)
             starts = iter(windows)
             for s in scopes:

@@ -39,7 +39,7 @@ class Pending:
 
     __slots__ = ("kind", "record", "reservation", "scopes")
 
-    def __init__(self, kind: Kind, record: UsageRecord, reservation: Reservation | None,
+    def __init__(self, kind: Kind, record: UsageRecord, reservation: Reservation,
                  scopes: tuple[ScopeLimits, ...]) -> None:
         self.kind = kind
         self.record = record
@@ -51,9 +51,9 @@ class Pending:
         return json.dumps({
             "kind": self.kind,
             "record": asdict(self.record),
-            "scopes": [_scope_out(s) for s in self.scopes],
-            "reservation": None if r is None else {
-                "id": r.id, "scopes": [_scope_out(s) for s in r.scopes], "windows": list(r.windows),
+            "scopes": [asdict(s) for s in self.scopes],
+            "reservation": {
+                "id": r.id, "scopes": [asdict(s) for s in r.scopes], "windows": list(r.windows),
                 "tokens": r.tokens, "micro_usd": r.micro_usd, "lease_deadline": r.lease_deadline},
         }, separators=(",", ":"))
 
@@ -61,7 +61,7 @@ class Pending:
     def from_json(cls, raw: str) -> Pending:
         d = json.loads(raw)
         r = d["reservation"]
-        reservation = None if r is None else Reservation(
+        reservation = Reservation(
             str(r["id"]), tuple(_scope_in(s) for s in r["scopes"]), tuple(int(w) for w in r["windows"]),
             int(r["tokens"]), int(r["micro_usd"]), float(r["lease_deadline"]))
         kind = d["kind"]
@@ -105,10 +105,6 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _scope_out(s: ScopeLimits) -> dict[str, Any]:
-    return asdict(s)
 
 
 def _bucket_in(d: dict[str, Any] | None) -> TokenBucket | None:
