@@ -85,6 +85,7 @@ class Window:
     p99_ms: float
     rss_mb: float
     kinds: str = ""  # the errors by kind: non-2xx answers, client timeouts (10 s), socket errors
+    redis: str = ""  # redis-server during the window: CPU, append-only file size, rewrites, slow events
 
 
 @dataclass
@@ -115,6 +116,44 @@ def rss_mb(pids: list[int]) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def redis_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime (clock ticks of 10 ms)
+
+
+class RedisWatch:
+    """What redis-server did during a window: its CPU, its append-only file, its own latency events.
+
+    The Redis soak's tail is compared with these to tell the gateway's work from Redis's persistence work
+    (fsync, AOF rewrites forked as the file grows)."""
+
+    def __init__(self, redis: RedisProcess) -> None:
+        assert redis.proc is not None
+        self.pid = redis.proc.pid
+        self.client = redis_sync.Redis.from_url(redis.url)
+        self.client.config_set("latency-monitor-threshold", 10)  # record every event that took >= 10 ms
+        self.cpu = redis_cpu_seconds(self.pid)
+        self.rewrites = self._persistence().get("aof_rewrites", 0)
+        self.client.latency_reset()
+
+    def _persistence(self) -> dict[str, Any]:
+        return dict(self.client.info("persistence"))
+
+    def window(self, seconds: float) -> str:
+        cpu = redis_cpu_seconds(self.pid)
+        info = self._persistence()
+        events = self.client.execute_command("LATENCY", "LATEST")
+        self.client.latency_reset()
+        slow = ", ".join(f"{e[0].decode() if isinstance(e[0], bytes) else e[0]} max {e[3]} ms" for e in events)
+        rewrites = int(info.get("aof_rewrites", 0)) - int(self.rewrites)
+        self.rewrites = info.get("aof_rewrites", 0)
+        used = int(self.client.info("memory")["used_memory"]) / 2**20
+        text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
+                f"data {used:.0f} MB, {rewrites} rewrite(s), slow events: {slow or 'none'}")
+        self.cpu = cpu
+        return text
 
 
 def paced_wrk(url: str, script: Path, rate: float, seconds: float, conns: int = 32) -> dict[str, float]:
@@ -173,16 +212,17 @@ def soak(store: str, tmp: Path, fake_port: int, redis: RedisProcess, minutes: fl
         time.sleep(2)  # let the peak's settlements land before counting
         before = ledger_count(store, gw, redis)
         pids = gateway_pids(gw)["python"]
+        watch = RedisWatch(redis) if store == "redis" else None
         for i in range(max(1, round(minutes * 60 / window_s))):
             w = paced_wrk(url, paced, result.rate, window_s)
             socket = int(w["err_connect"] + w["err_read"] + w["err_write"])
             errors = int(w["non2xx"] + w["err_timeout"]) + socket
             kinds = f"{int(w['non2xx'])} non-2xx, {int(w['err_timeout'])} timeouts, {socket} socket"
             result.windows.append(Window(int(w["requests"] - w["non2xx"]), errors, w["p99_us"] / 1000, rss_mb(pids),
-                                         kinds))
+                                         kinds, watch.window(window_s) if watch else ""))
             last = result.windows[-1]
             print(f"  {store} window {i + 1}: {last.served} served, {last.errors} errors ({kinds}), "
-                  f"p99 {last.p99_ms:.1f} ms, RSS {last.rss_mb:.0f} MB", file=sys.stderr, flush=True)
+                  f"p99 {last.p99_ms:.1f} ms, RSS {last.rss_mb:.0f} MB {last.redis}", file=sys.stderr, flush=True)
         started = time.monotonic()
         code = gw.stop()  # SIGTERM: everything pending must be settled and recorded before it exits
         result.stop_seconds = time.monotonic() - started
@@ -194,13 +234,13 @@ def soak(store: str, tmp: Path, fake_port: int, redis: RedisProcess, minutes: fl
     return result
 
 
-def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str, str]) -> str:
+def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str, str], fsync: str) -> str:
     lines = [
         f"# Soak: {minutes:g} minutes at 70 % of the maximum, per store (`python -m tests.bench.soak`)", "",
         f"Machine: {facts.get('CPU', '?')}, {facts.get('nproc', '?')} cores, load average at start "
         f"{facts.get('load average at start', '?')} (at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}); "
         f"windows of {window_s:g} s; non-streaming ~2 KB chat prompt, quotas on 4 limits (requests, tokens, "
-        "two budgets), metrics and access log on.", "",
+        f"two budgets), metrics and access log on; redis-server with appendonly yes, appendfsync {fsync}.", "",
         "| store | max req/s | soak req/s | served | errors | ledger records added | RSS first → last window (MB) "
         "| p99 first → last window (ms) |",
         "|---|---:|---:|---:|---:|---:|---|---|",
@@ -217,6 +257,10 @@ def render(results: list[Soak], minutes: float, window_s: float, facts: dict[str
         lines.append(f"{r.store} per window (served / errors / p99 ms / RSS MB): " + "; ".join(
             f"{w.served} / {w.errors}{f' ({w.kinds})' if w.errors else ''} / {w.p99_ms:.0f} / {w.rss_mb:.0f}"
             for w in r.windows))
+        if any(w.redis for w in r.windows):
+            lines.append("")
+            lines.append(f"{r.store}: redis-server per window: " + "; ".join(
+                f"{i + 1}) {w.redis}" for i, w in enumerate(r.windows)))
     lines += ["", "SIGTERM to exit, after the last window: " +
               ", ".join(f"{r.store} {r.stop_seconds:.1f} s" for r in results) + "."]
     return "\n".join(lines) + "\n"
@@ -231,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="soak duration per store (default 10)")
     ap.add_argument("--window", type=float, default=0.0, help="seconds per measuring window (default: a tenth)")
     ap.add_argument("--stores", default="embedded,redis")
+    ap.add_argument("--appendfsync", default="everysec", choices=("everysec", "always", "no"),
+                    help="redis-server's fsync policy (default everysec, what README and k8s/ advise)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT):  # stopping the bench stops what it started (finally below)
@@ -241,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tollgate-soak-") as name:
         tmp = Path(name)
         fake, port = start_fake(tmp, "soak", [])
-        redis = RedisProcess(tmp / "redis", appendonly=True).start()
+        redis = RedisProcess(tmp / "redis", appendonly=True, appendfsync=args.appendfsync).start()
         try:
             for store in args.stores.split(","):
                 results.append(soak(store, tmp, port, redis, args.minutes, window_s))
         finally:
             redis.stop()
             stop_process(fake)
-    text = render(results, args.minutes, window_s, facts)
+    text = render(results, args.minutes, window_s, facts, args.appendfsync)
     if args.out:
         args.out.write_text(text)
     print(text)
