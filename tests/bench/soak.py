@@ -135,11 +135,14 @@ class RedisWatch:
         self.client = redis_sync.Redis.from_url(redis.url)
         self.client.config_set("latency-monitor-threshold", 10)  # record every event that took >= 10 ms
         self.cpu = redis_cpu_seconds(self.pid)
-        self.rewrites = self._persistence().get("aof_rewrites", 0)
+        self.forks = self._forks()
         self.client.latency_reset()
 
     def _persistence(self) -> dict[str, Any]:
         return dict(self.client.info("persistence"))
+
+    def _forks(self) -> int:  # each AOF rewrite is a fork (snapshots are off)
+        return int(self.client.info("stats").get("total_forks", 0))
 
     def window(self, seconds: float) -> str:
         cpu = redis_cpu_seconds(self.pid)
@@ -147,8 +150,8 @@ class RedisWatch:
         events = self.client.execute_command("LATENCY", "LATEST")
         self.client.latency_reset()
         slow = ", ".join(f"{e[0].decode() if isinstance(e[0], bytes) else e[0]} max {e[3]} ms" for e in events)
-        rewrites = int(info.get("aof_rewrites", 0)) - int(self.rewrites)
-        self.rewrites = info.get("aof_rewrites", 0)
+        forks = self._forks()
+        rewrites, self.forks = forks - self.forks, forks
         used = int(self.client.info("memory")["used_memory"]) / 2**20
         text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
                 f"data {used:.0f} MB, {rewrites} rewrite(s), slow events: {slow or 'none'}")
