@@ -136,6 +136,7 @@ class RedisWatch:
         self.client.config_set("latency-monitor-threshold", 10)  # record every event that took >= 10 ms
         self.cpu = redis_cpu_seconds(self.pid)
         self.forks = self._forks()
+        self.calls = self._script_calls()
         self.client.latency_reset()
 
     def _persistence(self) -> dict[str, Any]:
@@ -143,6 +144,13 @@ class RedisWatch:
 
     def _forks(self) -> int:  # each AOF rewrite is a fork (snapshots are off)
         return int(self.client.info("stats").get("total_forks", 0))
+
+    def _script_calls(self) -> tuple[int, int]:
+        """Script calls so far and the microseconds Redis spent in them (its own clock, whatever the load)."""
+        stats = self.client.info("commandstats")
+        calls = sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        usec = sum(int(v["usec"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        return calls, usec
 
     def window(self, seconds: float) -> str:
         cpu = redis_cpu_seconds(self.pid)
@@ -153,7 +161,10 @@ class RedisWatch:
         forks = self._forks()
         rewrites, self.forks = forks - self.forks, forks
         used = int(self.client.info("memory")["used_memory"]) / 2**20
-        text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
+        calls, usec = self._script_calls()
+        per_call = (usec - self.calls[1]) / max(1, calls - self.calls[0])
+        self.calls = (calls, usec)
+        text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, {per_call:.0f} µs per script call, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
                 f"data {used:.0f} MB, {rewrites} rewrite(s), slow events: {slow or 'none'}")
         self.cpu = cpu
         return text
