@@ -155,9 +155,14 @@ def test_sigterm_under_load_records_every_served_request(gateway, fake, tmp_path
         assert served > 20, load.counts
         if store == "embedded":
             gw.start()  # the file is the embedded store's; read it as the restarted gateway sees it
-        found = records(gw, r, n=len(fake.usage_log))
+        everything = records(gw, r, n=len(fake.usage_log))
+        # a request admitted as the stop began but never sent is settled as unsent, at $0 (its hold given back)
+        unsent = [x for x in everything if x.outcome == "unsent"]
+        found = [x for x in everything if x.outcome != "unsent"]
+        assert all(x.micro_usd == 0 for x in unsent) and len(unsent) <= 8, unsent
         # every answer the provider gave is in the ledger once, complete, at exactly its bill
-        assert len({x.request_id for x in found}) == len(found) == len(fake.usage_log) >= served
+        assert len({x.request_id for x in everything}) == len(everything)
+        assert len(found) == len(fake.usage_log) >= served, Counter(x.outcome for x in everything)
         assert {x.outcome for x in found} == {"complete"}
         assert sum(x.micro_usd for x in found) == billed(fake)
         assert (spent(redis, org(100)) if r else embedded_spent(gw)) == billed(fake)
