@@ -91,6 +91,7 @@ class Peer:
             return None, 0, why
         assert self.home is not None
         port = port or free_port()
+        self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"litellm-{port}.log"
         env = {**os.environ, "VENV": str(self.venv), "PORT": str(port), "MAX_SECONDS": "1800",
                "UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1", "LITELLM_MASTER_KEY": KEY}
