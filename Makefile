@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check extproc tests
 	$(BIN)/mypy
 
+# pipeline.md sets up the LiteLLM peer on its first run (.bench/litellm-venv, from ../shared/peers/litellm)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out tests/bench/results.md
 	$(BIN)/python -m tests.bench.protobuf_parse >> tests/bench/results.md
@@ -32,7 +33,6 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.bench.features --out tests/bench/features.md
 	$(BIN)/python -m tests.bench.floor --out tests/bench/floor.md
 	$(BIN)/python -m tests.bench.guardrails --out tests/bench/guardrails.md
-	# beside the LiteLLM peer: its venv is made on the first run (.bench/litellm-venv, from ../shared/peers/litellm)
 	$(BIN)/python -m tests.bench.pipeline --out tests/bench/pipeline.md
 	$(BIN)/python -m tests.bench.cache --out tests/bench/cache.md
 	$(BIN)/python -m tests.bench.inbound --out tests/bench/inbound.md
