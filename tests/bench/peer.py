@@ -52,6 +52,8 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 @dataclass
 class Peer:
+    """Where the peer's venv is (or will be), where its pinned setup lives, and where its logs go."""
+
     venv: Path
     home: Path | None
     logs: Path
@@ -75,8 +77,9 @@ class Peer:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / "litellm-setup.log"
         try:
-            r = subprocess.run(["bash", str(self.home / "setup.sh")], env={**os.environ, "VENV": str(self.venv)},
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT, timeout=SETUP_TIMEOUT, cwd=REPO)
+            with log.open("wb") as out:
+                r = subprocess.run(["bash", str(self.home / "setup.sh")], env={**os.environ, "VENV": str(self.venv)},
+                                   stdout=out, stderr=subprocess.STDOUT, timeout=SETUP_TIMEOUT, cwd=REPO)
         except subprocess.TimeoutExpired:
             return f"LiteLLM peer could not be set up within {SETUP_TIMEOUT:.0f} s (log: {log})"
         if r.returncode != 0 or not (self.venv / "bin" / "litellm").exists():
@@ -96,11 +99,13 @@ class Peer:
         env = {**os.environ, "VENV": str(self.venv), "PORT": str(port), "MAX_SECONDS": "1800",
                "UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1", "LITELLM_MASTER_KEY": KEY}
         # its own session, so that stopping it reaches the proxy behind start.sh's `timeout` as well
-        p = subprocess.Popen(["bash", str(self.home / "start.sh")], env=env, start_new_session=True,
-                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(["bash", str(self.home / "start.sh")], env=env, start_new_session=True,
+                                 stdout=out, stderr=subprocess.STDOUT)
         t0 = time.monotonic()
         while time.monotonic() - t0 < START_TIMEOUT:
             if p.poll() is not None:
+                stop(p)  # whatever it left behind in its session
                 return None, 0, f"LiteLLM peer exited with {p.returncode} while starting (log {log}): {_tail(log)}"
             if _alive(port):
                 return p, port, f"LiteLLM {self.version()} proxy, 1 worker, no database (ready in {time.monotonic() - t0:.0f} s)"
