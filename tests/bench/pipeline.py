@@ -357,6 +357,22 @@ def plain_table(subjects: list[Subject], direct: Subject) -> list[str]:
     return lines
 
 
+def per_message(subjects: list[Subject]) -> list[str]:
+    """What one more ext_proc message costs with no logic behind it: floor 4m against floor 2m, round by round."""
+    by = {s.key: s for s in subjects}
+    two, four = by.get("floor 2m"), by.get("floor 4m")
+    if two is None or four is None or not two.c16 or not four.c16:
+        return []
+
+    def each(role: str) -> list[float]:
+        return pairs(four.c16, two.c16, lambda x, y: (x["cpu"][role] - y["cpu"][role]) / (x["msgs"] - y["msgs"]))
+
+    p50 = pairs(four.c1, two.c1, lambda x, y: (x["wrk"]["p50_us"] - y["wrk"]["p50_us"]) / (x["msgs"] - y["msgs"]))
+    return ["", f"One more ext_proc message, with no logic behind it (floor 4m against floor 2m, per message, round by "
+            f"round): Python {spread(each('python'))} µs and Envoy {spread(each('envoy'))} µs of CPU at c=16; "
+            f"{spread(p50)} µs of p50 at c=1."]
+
+
 def stream_table(subjects: list[Subject], direct: Subject, plan: list[int]) -> list[str]:
     lines = ["| target | conns | ok / failed | TTFT p50 ms | first token added ms | total p50 ms | "
              "Python CPU µs/chunk | CPU µs/stream (all but fake) |",
@@ -448,6 +464,7 @@ def render(subjects: list[Subject], missing: dict[str, str], direct: Subject, pl
     if any(s.c16 for s in subjects):
         lines += plain_table(subjects, direct)
         lines += [f"| {k} | {why} |" + " |" * 11 for k, why in missing.items()]
+        lines += per_message(subjects)
     else:
         notes += [f"{k}: {why}" for k, why in missing.items()]
     lines += ["", f"## Streaming ({STREAM_CHUNKS} chunks paced {TOKEN_DELAY * 1000:.1f} ms apart by the fake; "
