@@ -268,7 +268,12 @@ def test_a_sidecar_killed_during_an_outage_leaves_its_fail_open_spend_for_the_ne
         gw.start()
         found = records(gw, redis, n=6, timeout=15)  # replayed by the new process's maintenance round
         assert len({x.request_id for x in found}) == len(found) == len(fake.usage_log) == 6
-        assert sum(x.micro_usd for x in found) == billed(fake) == spent(redis, org(100))
+        assert sum(x.micro_usd for x in found) == spent(redis, org(100))  # to the micro-dollar
+        # exact, or (killed between the answer and its settlement) charged at its hold, as Redis would
+        exact = [x for x in found if x.outcome == "complete"]
+        assert {x.outcome for x in found} <= {"complete", "unknown"} and len(exact) >= 5
+        assert sum(x.micro_usd for x in found) == billed(fake) if len(exact) == 6 else \
+            sum(x.micro_usd for x in found) > billed(fake)
         assert "from an earlier run wait for the quota store" in gw.log()
 
 
