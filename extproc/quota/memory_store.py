@@ -98,6 +98,8 @@ class MemoryQuotaStore:
         self._open: set[str] = set()
         self._next_scan = 0  # ms: open holds are scanned for expiry at most every SCAN_MS
         self._closed: list[tuple[int, str]] = []  # heap of (closed at ms, id)
+        # period -> (start, end) ms of the current window: the zone arithmetic once a period, not per request
+        self._windows: dict[str, tuple[int, int]] = {}
 
     @property
     def state_file(self) -> StateFile | None:
@@ -273,7 +275,9 @@ class MemoryQuotaStore:
     def _judge_budget(self, scope: str, b: Budget, start: int, micro: int, now: int) -> _Outcome:
         key = budget_key(scope, b.period, start)
         spent = self._spent.get(key, 0)
-        end = calendar.period_end(b.period, self._tz, start)
+        current = self._windows.get(b.period)
+        end = current[1] if current is not None and current[0] == start else calendar.period_end(
+            b.period, self._tz, start)
         if spent + micro <= b.limit_micro_usd:
             state = LimitState(scope, "money", b.period, b.limit_micro_usd, b.limit_micro_usd - spent - micro,
                                (end - now) / 1000)
@@ -309,8 +313,13 @@ class MemoryQuotaStore:
             self._state.bucket(key, *level)
 
     def _window(self, b: Budget, now: int) -> int:
+        current = self._windows.get(b.period)
+        if current is not None and current[0] <= now < current[1]:
+            return current[0]
         bounds = calendar.boundaries(b.period, self._tz, now / 1000)
-        return bounds[calendar.window_of(bounds, now) or 1]
+        i = calendar.window_of(bounds, now) or 1
+        self._windows[b.period] = (bounds[i], bounds[i + 1])
+        return bounds[i]
 
     # -- leases
 

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from extproc.quota.ledger import Ledger, RedisLedger, SqliteLedger, UsageRecord, format_totals, parse_since, totals
 from extproc.quota.memory_store import open_embedded
+from extproc.quota.state_file import CHECKPOINT_COMMITS
 from tests.quota.conftest import UTC
 from extproc.quota.store import QuotaUnavailable
 from tests.quota.redis_process import RedisProcess
@@ -109,6 +110,30 @@ async def test_an_embedded_record_is_on_disk_once_append_returns_and_readable_be
     with pytest.raises(QuotaUnavailable):
         await reader.append(record("not-through-a-reader"))
     await store.close()
+
+
+async def test_the_wal_is_copied_into_the_state_file_off_the_loop_every_few_hundred_commits(
+    tmp_path: Path,
+) -> None:
+    """SQLite's own checkpoint would run (and fsync) inside the commit that crosses 1,000 WAL pages, on the
+    event loop; the writer turns it off and a worker thread checkpoints instead, so the WAL stays bounded."""
+    path = tmp_path / "quota.sqlite3"
+    store, _ = open_embedded(str(path), tz=UTC)
+    writer = store.state_file
+    assert writer is not None
+    ledger = SqliteLedger(path, writer=writer)
+    for n in range(CHECKPOINT_COMMITS):  # one awaited append = one commit
+        assert await ledger.append(record(f"r{n}"))
+    assert writer.commits == CHECKPOINT_COMMITS
+    while writer.checkpointing:
+        await asyncio.sleep(0.01)
+    # the database file alone (no WAL beside it) holds every record committed before the checkpoint
+    alone = tmp_path / "copy" / "quota.sqlite3"
+    alone.parent.mkdir()
+    alone.write_bytes(path.read_bytes())
+    assert len([r async for r in SqliteLedger(alone).records(since=0)]) == CHECKPOINT_COMMITS
+    await store.close()
+    assert not Path(f"{path}-wal").exists() or Path(f"{path}-wal").stat().st_size == 0  # close() truncates it
 
 
 async def test_records_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
