@@ -208,7 +208,15 @@ class StateFile:
             raise RuntimeError(f"the quota state file {self.path} cannot be written: {self._failed}")
         if self._later is None and self._soon is None:
             with contextlib.suppress(RuntimeError):  # no running loop (start-up, close): close() commits
-                self._later = asyncio.get_running_loop().call_later(LAZY_SECONDS, self.flush)
+                self._later = asyncio.get_running_loop().call_later(LAZY_SECONDS, self._lazy)
+
+    def _lazy(self) -> None:
+        # The timer outlives the commits made before it fires (flush leaves it armed): arming and cancelling
+        # one per commit cost more than the commit's SQL. A change made after it was armed is then committed
+        # sooner than LAZY_SECONDS, never later.
+        self._later = None
+        if self._pending:
+            self.flush()
 
     def trim(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` of the oldest ledger rows older than ``before`` (by the time index), in a
@@ -223,10 +231,9 @@ class StateFile:
 
     def flush(self) -> None:
         """Commit what is pending in one transaction and answer whoever waits for it."""
-        for handle in (self._soon, self._later):
-            if handle is not None:
-                handle.cancel()
-        self._soon = self._later = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         batch, self._pending = self._pending, _Batch()
         try:
             new = self._commit(batch)

@@ -27,7 +27,7 @@ from extproc.quota.limits import Budget, Rejection, Reservation, ScopeLimits, To
 from extproc.quota.memory_store import open_embedded
 from extproc.quota.records import UsageRecord
 from extproc.quota.redis_store import RedisQuotaStore
-from extproc.quota.state_file import StateFileBusy
+from extproc.quota.state_file import LAZY_SECONDS, StateFileBusy
 from extproc.quota.store import QuotaStore
 from tests.quota.conftest import UTC
 
@@ -218,3 +218,20 @@ def test_a_second_gateway_on_the_same_state_file_is_refused_with_a_clear_error(t
     asyncio.run(first.close())
     second, _ = open_embedded(path, tz=UTC)  # free again once the first one closed
     asyncio.run(second.close())
+
+
+async def test_an_embedded_settlement_nobody_waits_for_is_on_disk_within_the_lazy_delay(tmp_path: Path) -> None:
+    """Settlements are committed lazily; the lazy timer outlives the commits made before it fires, so a
+    settlement that came after such a commit is written when that timer fires: sooner, never later."""
+    path = tmp_path / "quota.sqlite3"
+    store, _ = open_embedded(str(path), tz=UTC)
+    reader = SqliteLedger(path)  # another connection: sees only what was committed
+    a = held(await store.reserve([TEAM], 600, 5_000, lease_seconds=60, reservation_id="a", record=provisional("a")))
+    await store.settle(a, 130, 1_234, used("a", 100, 30, 1_234))  # arms the lazy commit
+    b = held(await store.reserve([TEAM], 600, 5_000, lease_seconds=60, reservation_id="b", record=provisional("b")))
+    assert [r.request_id async for r in reader.records(since=0)] == ["a"]  # b's reserve committed a's record
+    await store.settle(b, 10, 99, used("b", 5, 5, 99))  # after that commit: nobody waits for it
+    assert [r.request_id async for r in reader.records(since=0)] == ["a"]
+    await asyncio.sleep(LAZY_SECONDS)  # a timer set after the lazy one: it fires after the lazy commit
+    assert [(r.request_id, r.micro_usd) async for r in reader.records(since=0)] == [("a", 1_234), ("b", 99)]
+    await store.close()
