@@ -4,7 +4,7 @@ It keeps exactly the semantics of ``redis_store`` (the same test suite runs
 against both), with the injected clock playing the part of Redis ``TIME``.
 Alone it is the fail-open stand-in for Redis (state in memory only); with a
 ``StateFile`` it is the embedded store of ``make run``: every change is also
-handed to the file's writer thread (see ``state_file.py``), and the state
+handed to the file's next commit (see ``state_file.py``), and the state
 comes back after a restart (``open_embedded``).
 The arithmetic mirrors ``lua/common.lua`` line for line: buckets hold
 sixty-thousandths of a token (so a bucket of R tokens/min gains exactly R
