@@ -6,7 +6,7 @@
 No gateway code runs here. A minimal Envoy (one listener, one ext_proc filter sending request headers,
 the buffered request body, response headers and the buffered response body: the 4 messages of a plain
 request through Tollgate) routes to the fake provider; its ext_proc server is a grpc.aio server that
-answers CONTINUE to every message (``--serve``). Variants:
+answers CONTINUE to every message (``memory_noop_server.py``). Variants:
 
   reset          Envoy's default end of a stream; the server ends each stream after the last answer
   reset-open     the same, but the server waits for Envoy to end the stream (never ends it itself)
@@ -42,54 +42,9 @@ from tests.bench.soak import rss_mb
 from tests.harness import ENVOY, free_port, wait_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[2]
+SERVER = Path(__file__).with_name("memory_noop_server.py")  # run as a script: it imports nothing of ours
 GRACEFUL = {"envoy.reloadable_features.ext_proc_graceful_grpc_close": True}
 FAILURES = ("non2xx", "err_timeout", "err_connect", "err_read", "err_write")
-
-
-# --------------------------------------------------------------------------- the do-nothing server
-
-
-def serve(port: int, end_itself: bool) -> None:
-    """CONTINUE to every message; with ``end_itself``, end the stream after the last one Envoy sends."""
-    import asyncio
-
-    import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-    def answer(req: Any) -> tuple[Any, bool]:
-        phase = req.WhichOneof("request")
-        out = pb.ProcessingResponse()
-        getattr(out, phase).SetInParent()
-        last = ((phase == "response_body" and req.response_body.end_of_stream)
-                or (phase == "response_headers" and req.response_headers.end_of_stream))
-        return out, last
-
-    async def process(requests: Any, context: Any) -> Any:
-        async for req in requests:
-            out, last = answer(req)
-            yield out
-            if end_itself and last:
-                break
-
-    async def main() -> None:
-        # generic handler: no generated stub, so grpcio releases older than the stubs' own check also run
-        handler = grpc.method_handlers_generic_handler("envoy.service.ext_proc.v3.ExternalProcessor", {
-            "Process": grpc.stream_stream_rpc_method_handler(
-                process, request_deserializer=pb.ProcessingRequest.FromString,
-                response_serializer=pb.ProcessingResponse.SerializeToString)})
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        print(f"grpcio {grpc.__version__}", flush=True)
-        await server.wait_for_termination()
-
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
 
 
 # --------------------------------------------------------------------------- Envoy
@@ -159,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=10.0)
     ap.add_argument("--variants", default="reset,reset-open,graceful,graceful-open,rotate-1000")
     ap.add_argument("--grpcio", default="", help="directories holding other grpcio releases, comma-separated")
-    ap.add_argument("--serve", nargs=2, metavar=("PORT", "END_ITSELF"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.serve:
-        serve(int(args.serve[0]), args.serve[1] == "1")
-        return 0
     ensure_wrk()
     load_before = os.getloadavg()
     runs = [(v, "") for v in args.variants.split(",") if v] + [("reset", d) for d in args.grpcio.split(",") if d]
@@ -182,15 +133,17 @@ def main(argv: list[str] | None = None) -> int:
                 d.mkdir()
                 (d / "envoy.yaml").write_text(yaml.safe_dump(
                     bootstrap(port, admin, server_port, fake_port, graceful, per_conn)))
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (overlay, str(REPO)) if p)}
-                server = subprocess.Popen([sys.executable, "-m", "tests.bench.memory_noop", "--serve", str(server_port),
-                                           "1" if end_itself else "0"], stdout=(d / "server.log").open("ab"),
+                env = {**os.environ, "PYTHONPATH": overlay}
+                server = subprocess.Popen([sys.executable, str(SERVER), str(server_port), "1" if end_itself else "0"], stdout=(d / "server.log").open("ab"),
                                           stderr=subprocess.STDOUT, env=env, cwd=REPO)
                 envoy = subprocess.Popen([ENVOY, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency",
                                           "2", "-l", "warning"], stdout=(d / "envoy.log").open("ab"),
                                          stderr=subprocess.STDOUT)
                 procs += [server, envoy]
-                wait_port(server_port)
+                try:
+                    wait_port(server_port, 60)  # the server imports grpcio and the protos first
+                except TimeoutError:
+                    raise RuntimeError(f"{v}: the server did not start:\n{(d / 'server.log').read_text()[-2000:]}") from None
                 wait_ready(admin)
                 wait_port(port)
                 time.sleep(0.5)
