@@ -84,12 +84,27 @@ def cont(
     return resp
 
 
-def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
-    """Answer one STREAMED response-body chunk: ``None`` passes it on unchanged."""
+def _pass_chunk() -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse()
     resp.response_body.SetInParent()
-    if chunk is not None:
-        resp.response_body.response.body_mutation.body = chunk
+    return resp
+
+
+PASS_CHUNK = _pass_chunk()
+"""The answer to a streamed chunk that passes unchanged: built once and shared, never mutated.
+
+Most chunks of a stream pass as they came, and the answer is the same every
+time; gRPC serializes it at each write, so one instance serves them all
+instead of a new message per chunk.
+"""
+
+
+def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
+    """Answer one STREAMED response-body chunk: ``None`` passes it on unchanged (the shared ``PASS_CHUNK``)."""
+    if chunk is None:
+        return PASS_CHUNK
+    resp = pb.ProcessingResponse()
+    resp.response_body.response.body_mutation.body = chunk
     return resp
 
 
