@@ -73,14 +73,14 @@ def serve_fake(port: int, trace: str, api_key: str) -> None:
     _dump_at_exit(events, trace)
     write, writelines = http_writer.StreamWriter._write, http_writer.StreamWriter._writelines
 
-    def timed_write(self: Any, chunk: Any) -> None:
-        write(self, chunk)
+    def timed_write(self: Any, chunk: Any) -> None:  # timed as the bytes are handed to the socket
         events.append((time.time(), "fake", "write", len(chunk)))
+        write(self, chunk)
 
     def timed_writelines(self: Any, chunks: Any) -> None:
         chunks = list(chunks)
-        writelines(self, chunks)
         events.append((time.time(), "fake", "write", sum(len(c) for c in chunks)))
+        writelines(self, chunks)
 
     http_writer.StreamWriter._write = timed_write  # type: ignore[method-assign]
     http_writer.StreamWriter._writelines = timed_writelines  # type: ignore[method-assign]
@@ -184,6 +184,14 @@ def _wait_port(port: int, timeout: float = 30) -> None:
     raise TimeoutError(f"port {port}")
 
 
+def _wait_path(path: Path, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError(str(path))
+        time.sleep(0.05)
+
+
 def _stop(p: subprocess.Popen[bytes] | None) -> None:
     if p is not None and p.poll() is None:
         p.terminate()
@@ -262,7 +270,7 @@ def _median_rows(per: list[dict[str, float]]) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: r[1])
 
 
-def run(target: str, streams: int, gap: float, tmp: Path) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
+def run(target: str, streams: int, gap: float, tmp: Path, unix: bool = False) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
     from tests.bench.pipeline import PACED, UPSTREAM_KEY, configs
     from tests.bench.run import KEY_ENV, chat_body
     from tests.harness import ENVOY, TOLLGATE, Gateway, free_port, wait_ready
@@ -281,13 +289,17 @@ def run(target: str, streams: int, gap: float, tmp: Path) -> tuple[list[tuple[st
         cfgs, token = configs(ports, tmp, redis.url if redis else "redis://127.0.0.1:1")
         gdir = tmp / "gw"
         gdir.mkdir()
-        gw = Gateway(gdir, cfgs[target], env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(gdir / "state")})
+        cfg = {**cfgs[target], **({"extproc_unix_socket": str(tmp / "extproc.sock")} if unix else {})}
+        gw = Gateway(gdir, cfg, env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(gdir / "state")})
         (gdir / "runtime").mkdir()
         py_trace, envoy_log = tmp / "python.jsonl", tmp / "envoy-access.log"
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.bench.streams_trace", "--serve-extproc",
                                        str(gw.config_path), str(gdir / "runtime"), str(py_trace)], cwd=REPO,
                                       env=gw.env, stdout=(tmp / "python.log").open("ab"), stderr=subprocess.STDOUT))
-        _wait_port(gw.extproc_port)
+        if unix:
+            _wait_path(tmp / "extproc.sock")
+        else:
+            _wait_port(gw.extproc_port)
         conf = _envoy_yaml(TOLLGATE, gw.config_path, gw.env, tmp / "envoy.yaml", envoy_log)
         procs.append(subprocess.Popen([ENVOY, "-c", str(conf), "--disable-hot-restart", "--concurrency", "2",
                                        "-l", "warning"], stdout=(tmp / "envoy.log").open("ab"), stderr=subprocess.STDOUT))
@@ -322,9 +334,9 @@ def run(target: str, streams: int, gap: float, tmp: Path) -> tuple[list[tuple[st
     return _median_rows(_steps(gw_runs, gw_others)), _median_rows(_steps(direct_runs, d_others))
 
 
-def render(target: str, streams: int, gap: float, via: list[tuple[str, float, int]], direct: list[tuple[str, float, int]],
+def render(target: str, streams: int, gap: float, unix: bool, via: list[tuple[str, float, int]], direct: list[tuple[str, float, int]],
            load: str) -> str:
-    lines = [f"## `{target}`: {streams} streams, one at a time, {gap * 1000:g} ms apart, alternating with the fake "
+    lines = [f"## `{target}`{' (ext_proc over a unix socket)' if unix else ''}: {streams} streams, one at a time, {gap * 1000:g} ms apart, alternating with the fake "
              "alone", "",
              "| ms after the client sent (median) | through the gateway | | fake alone |",
              "|---|---:|---|---:|"]
@@ -350,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="base,full,observe", help="pipeline bench targets, comma-separated")
     ap.add_argument("--streams", type=int, default=40)
     ap.add_argument("--gap", type=float, default=0.0, help="seconds between streams (0: back to back, as the bench)")
+    ap.add_argument("--unix", action="store_true", help="Envoy reaches the ext_proc server over a unix socket")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--serve-fake", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--serve-extproc", nargs=3, help=argparse.SUPPRESS)
@@ -366,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
              "Times are medians, in ms after the client sent its request; `#2` is the second of a kind.", ""]
     for target in args.target.split(","):
         with tempfile.TemporaryDirectory(prefix="tollgate-trace-") as name:
-            via, direct = run(target, args.streams, args.gap, Path(name))
-        parts.append(render(target, args.streams, args.gap, via, direct, " ".join(f"{x:.2f}" for x in os.getloadavg())))
+            via, direct = run(target, args.streams, args.gap, Path(name), args.unix)
+        parts.append(render(target, args.streams, args.gap, args.unix, via, direct, " ".join(f"{x:.2f}" for x in os.getloadavg())))
     text = "\n".join(parts)
     if args.out:
         args.out.write_text(text)
