@@ -141,10 +141,7 @@ def test_an_exhausted_daily_budget_stays_exhausted_after_a_restart(gateway, fake
 # --------------------------------------------------------------------------- stops under load
 
 
-@pytest.mark.parametrize("store", ["embedded", pytest.param("redis", marks=pytest.mark.xfail(strict=False, reason=(
-    "known intermittent defect, issue 11: once in a CI run the Redis budget held 3,745 µ$ more than the provider "
-    "billed right after the stop, with the ledger complete: a hold granted during shutdown whose request was never "
-    "sent was left open (it expires into an unknown record at its lease), so its unsent settlement ran too late")))])
+@pytest.mark.parametrize("store", ["embedded", "redis"])
 def test_sigterm_under_load_records_every_served_request(gateway, fake, tmp_path, store):
     fake.default = Behaviour(reply=words(10), first_token_delay=0.05)
     with RedisProcess(tmp_path / "redis", appendonly=True) as redis:

@@ -9,11 +9,14 @@ computed here from the token counts the fake answers carry.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import grpc
+import redis as redis_sync
+import redis.asyncio as redis_async
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.errors import Forbidden
@@ -34,6 +37,7 @@ from tests.inprocess import (
     request_headers,
     set_headers,
 )
+from tests.quota.redis_process import RedisProcess
 
 PRICES = PriceTable(DEFAULT_PRICES)
 
@@ -348,3 +352,28 @@ async def test_a_stream_over_its_token_limit_is_cut_with_an_error_event_then_sto
         [record] = await gw.settled()
         assert (record["status"], record["error"]) == (200, "rate_limit_exceeded")
         assert passed <= record["output_tokens"] <= passed + 1  # what the provider produced, the cut chunk too
+
+
+async def test_a_hold_granted_while_the_server_stops_is_released_before_the_store_closes(tmp_path):
+    """A request whose quota reserve is still on its way when the server stops (Envoy's stream is cancelled):
+    stopping waits for Redis's answer and settles that hold as unsent before closing the store, so no lease is
+    left behind to expire into a charge for a request that never reached a provider."""
+    with RedisProcess(tmp_path / "redis") as redis:
+        cfg = {**config(limits={"org": {"usd_per_day": 10}}), "redis": {"url": redis.url}}
+        async with InProcessGateway(cfg, env=state(tmp_path)) as gw:
+            s = gw.open()
+            await s.send(request_headers(request_id="stopping-1"))
+            pauser = redis_async.Redis.from_url(redis.url)
+            await pauser.execute_command("CLIENT", "PAUSE", "200", "ALL")  # Redis answers in 0.2 s (timeout 0.25)
+            await pauser.aclose()
+            await s.call.write(body_message("request_body", chat()))
+            await asyncio.sleep(0.05)  # the reserve is sent and waits for Redis
+        # leaving the block stopped the server (cancelling the stream) and closed the runtime
+        store = redis_sync.Redis.from_url(redis.url, decode_responses=True)
+        held = json.loads(store.hget("{tollgate}:reservations", "stopping-1") or "{}")
+        budgets = [int(store.get(k) or 0) for k in store.scan_iter("{tollgate}:bg:*")]
+        assert held.get("s") == "settled" and int(held["dm"]) < 0  # it was granted, then given back
+        assert store.zcard("{tollgate}:leases") == 0 and budgets and sum(budgets) == 0
+        [(_, record)] = store.xrange("{tollgate}:usage")
+        assert (record["request_id"], record["outcome"], record["micro_usd"]) == ("stopping-1", "unsent", "0")
+        store.close()

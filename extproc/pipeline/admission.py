@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the runtime settles through this module; stages only need i
     from extproc.pipeline.base import Stage
     from extproc.pipeline.runtime import Runtime
 
-Spawn = Callable[[Coroutine[Any, Any, Any]], object]
+Spawn = Callable[[Coroutine[Any, Any, Any]], "asyncio.Task[Any]"]
 
 
 async def admit(gov: Governor, metrics: Metrics, ex: Exchange, models: Sequence[str], spawn: Spawn) -> None:
@@ -34,12 +34,14 @@ async def admit(gov: Governor, metrics: Metrics, ex: Exchange, models: Sequence[
     ``models`` are the alias's targets in fallback order: the first one's
     tokenizer counts the prompt, and the hold is priced at the dearest of
     them. If Envoy gives up on the exchange while the store is answering
-    (the client left), a hold that was granted anyway is settled as unused
-    instead of expiring into a charge.
+    (the client left, or the server is stopping), a hold that was granted
+    anyway is settled as unused instead of expiring into a charge. The
+    store call runs as a ``spawn``ed task, so a stopping server waits for
+    it (and that settlement) before it closes the store.
     """
     caller = Caller(ex.request_id, ex.principal, ex.team, ex.alias)
-    task = asyncio.ensure_future(gov.admit(ex.body, caller=caller, model=models[0], stream=ex.stream,
-                                           endpoint=ex.endpoint, fallbacks=models[1:]))
+    task = spawn(gov.admit(ex.body, caller=caller, model=models[0], stream=ex.stream, endpoint=ex.endpoint,
+                           fallbacks=models[1:]))
     try:
         admission = await asyncio.shield(task)
     except asyncio.CancelledError:

@@ -142,7 +142,8 @@ class Governor:
         return len(self._backlog)
 
     def start(self, every: float = 5.0) -> None:
-        """Run the maintenance task: replay the backlog and reap expired leases every ``every`` seconds."""
+        """Run the maintenance task every ``every`` seconds: replay the backlog, reap expired leases and drop
+        ledger records older than ``quota.ledger.keep``."""
         if self._maintenance is None:
             self._load_spool()
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain(every))
@@ -167,6 +168,9 @@ class Governor:
                 if expired:
                     log.warning("%d quota holds expired unsettled (their sidecar stopped): recorded as unknown",
                                 expired)
+                keep = self.settings.ledger_keep_seconds
+                if keep is not None and await self.ledger.trim(self._clock.now() - keep):
+                    log.debug("ledger records older than %s s dropped (quota.ledger.keep)", keep)
             except QuotaUnavailable:
                 pass  # counted where the request path meets it; the next round tries again
             except Exception:

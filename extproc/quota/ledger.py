@@ -12,6 +12,11 @@ is recorded at most once within ``dedupe_seconds``.
 ``SqliteLedger`` (embedded mode) is the ``ledger`` table of the embedded
 store's SQLite file (``state_file.py``); a request id is recorded once.
 ``totals`` sums records for ``tollgate spend --team ml --since 24h --by model``.
+
+Both keep every record unless ``quota.ledger.keep`` says how long: then the
+governor's maintenance calls ``trim`` every few seconds, which drops records
+older than that in bounded steps (``TRIM_STEP`` at a time), so the ledger's
+size follows the traffic of the kept period instead of all history.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = ["GROUPS", "Ledger", "RedisLedger", "SqliteLedger", "Totals", "UsageRe
            "open_ledger", "parse_since", "totals"]
 
 DEFAULT_DEDUPE_SECONDS = 24 * 3600
+TRIM_STEP = 10_000  # at most this many records dropped per trim: a first trim of a long history takes turns
 GROUPS = ("model", "team", "principal", "alias", "provider", "cache_status")
 
 
@@ -71,6 +77,9 @@ class Ledger(Protocol):
 
     def records(self, *, since: float, until: float | None = None) -> AsyncIterator[UsageRecord]:
         """Records with ``since <= time < until``, oldest first."""
+
+    async def trim(self, before: float) -> int:
+        """Drop up to ``TRIM_STEP`` records older than ``before`` (epoch seconds); how many went."""
 
     async def close(self) -> None: ...
 
@@ -186,6 +195,15 @@ class RedisLedger:
                 return
             low = "(" + eid
 
+    async def trim(self, before: float) -> int:
+        """Whole stream nodes (about 100 entries each) older than ``before``: Redis's cheap, approximate trim,
+        so up to one node's worth of older records may stay until the next call. Needs Redis 6.2 (MINID)."""
+        try:
+            return int(await self._client.xtrim(self._stream, minid=str(int(before * 1000)), approximate=True,
+                                                limit=TRIM_STEP))
+        except (RedisError, OSError) as e:
+            raise QuotaUnavailable(f"the usage ledger (Redis) is unavailable: {e}") from e
+
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()
@@ -217,6 +235,11 @@ class SqliteLedger:
             self._writer.flush()  # what this process settled a moment ago is part of the answer
         for r in await asyncio.to_thread(self._read, since, until):
             yield r
+
+    async def trim(self, before: float) -> int:
+        if self._writer is None:
+            raise QuotaUnavailable(f"the ledger {self._path} is open read-only")
+        return self._writer.trim(before, TRIM_STEP)
 
     def _read(self, since: float, until: float | None) -> list[UsageRecord]:
         if not self._path.exists():

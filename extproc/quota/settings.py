@@ -20,6 +20,7 @@ Example::
       # Redis mode: ledger: {pending: /var/lib/tollgate/quota-pending.sqlite3} keeps finished requests on
       # disk while Redis is down, for the next start if this process stops first (default under
       # $XDG_STATE_HOME/tollgate)
+      # ledger: {keep: 400d}           # drop ledger records older than this (default: keep them all)
       redis_pool: {max_connections: 128, wait: 1s}     # Redis mode: a call waits this long for a connection
       prices: {my-deployment: {input: 2.5, output: 10, cached_input: 1.25}}
       default_price: {input: 15, output: 60}          # omit to refuse unpriced models
@@ -72,6 +73,7 @@ class QuotaSettings:
     default_max_tokens: int = 4096
     ledger_path: str | None = None  # embedded mode: the SQLite state file (budgets, holds, ledger)
     pending_path: str | None = None  # Redis mode: finished requests waiting on disk while the store is down
+    ledger_keep_seconds: float | None = None  # records older than this are dropped; None: every record is kept
     redis_max_connections: int = 128
     redis_pool_wait: float = 1.0
     prices: PriceTable = field(default_factory=lambda: PriceTable(DEFAULT_PRICES))
@@ -116,7 +118,7 @@ def parse_quota(
     except ValueError as e:  # the price parser names the key; the reader adds the line
         raise r.wrap(e) from None
     limits = r.mapping(m.get("limits"), f"{where}.limits", {"org", "teams", "principals", "aliases"})
-    ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path", "pending"})
+    ledger = r.mapping(m.get("ledger"), f"{where}.ledger", {"path", "pending", "keep"})
     pool = r.mapping(m.get("redis_pool"), f"{where}.redis_pool", {"max_connections", "wait"})
     q = QuotaSettings(
         store=store, redis_url=redis_url if store == "redis" else None,
@@ -130,6 +132,9 @@ def parse_quota(
                                      d.default_max_tokens, 1, 1_000_000),
         ledger_path=r.string(ledger.get("path"), f"{where}.ledger.path"),
         pending_path=r.string(ledger.get("pending"), f"{where}.ledger.pending"),
+        # at least a day: a request replayed after an outage is deduplicated against the last day's records
+        ledger_keep_seconds=(None if ledger.get("keep") is None else
+                             r.duration(ledger["keep"], f"{where}.ledger.keep", 0, lo=86_400, hi=36_500 * 86_400)),
         redis_max_connections=r.integer(pool.get("max_connections"), f"{where}.redis_pool.max_connections",
                                         d.redis_max_connections, 1, 10_000),
         redis_pool_wait=r.duration(pool.get("wait"), f"{where}.redis_pool.wait", d.redis_pool_wait, lo=0.001, hi=60),

@@ -201,6 +201,15 @@ class StateFile:
             with contextlib.suppress(RuntimeError):  # no running loop (start-up, close): close() commits
                 self._later = asyncio.get_running_loop().call_later(LAZY_SECONDS, self.flush)
 
+    def trim(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest ledger rows older than ``before`` (by the time index), in a
+        transaction of their own on the loop, like a commit; how many went."""
+        if self._failed is not None:
+            raise RuntimeError(f"the quota state file {self.path} cannot be written: {self._failed}")
+        return self._db.execute("delete from ledger where seq in "
+                                "(select seq from ledger where time < ? order by time limit ?)",
+                                (before, limit)).rowcount
+
     # -- committing
 
     def flush(self) -> None:

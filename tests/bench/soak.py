@@ -135,11 +135,22 @@ class RedisWatch:
         self.client = redis_sync.Redis.from_url(redis.url)
         self.client.config_set("latency-monitor-threshold", 10)  # record every event that took >= 10 ms
         self.cpu = redis_cpu_seconds(self.pid)
-        self.rewrites = self._persistence().get("aof_rewrites", 0)
+        self.forks = self._forks()
+        self.calls = self._script_calls()
         self.client.latency_reset()
 
     def _persistence(self) -> dict[str, Any]:
         return dict(self.client.info("persistence"))
+
+    def _forks(self) -> int:  # each AOF rewrite is a fork (snapshots are off)
+        return int(self.client.info("stats").get("total_forks", 0))
+
+    def _script_calls(self) -> tuple[int, int]:
+        """Script calls so far and the microseconds Redis spent in them (its own clock, whatever the load)."""
+        stats = self.client.info("commandstats")
+        calls = sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        usec = sum(int(v["usec"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        return calls, usec
 
     def window(self, seconds: float) -> str:
         cpu = redis_cpu_seconds(self.pid)
@@ -147,10 +158,13 @@ class RedisWatch:
         events = self.client.execute_command("LATENCY", "LATEST")
         self.client.latency_reset()
         slow = ", ".join(f"{e[0].decode() if isinstance(e[0], bytes) else e[0]} max {e[3]} ms" for e in events)
-        rewrites = int(info.get("aof_rewrites", 0)) - int(self.rewrites)
-        self.rewrites = info.get("aof_rewrites", 0)
+        forks = self._forks()
+        rewrites, self.forks = forks - self.forks, forks
         used = int(self.client.info("memory")["used_memory"]) / 2**20
-        text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
+        calls, usec = self._script_calls()
+        per_call = (usec - self.calls[1]) / max(1, calls - self.calls[0])
+        self.calls = (calls, usec)
+        text = (f"CPU {100 * (cpu - self.cpu) / seconds:.0f} %, {per_call:.0f} µs per script call, AOF {int(info.get('aof_current_size', 0)) / 2**20:.0f} MB, "
                 f"data {used:.0f} MB, {rewrites} rewrite(s), slow events: {slow or 'none'}")
         self.cpu = cpu
         return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def test_the_issue_example_becomes_four_scopes() -> None:
     ({"lease": "forever"}, "quota.lease: expected a duration"),
     ({"on_store_error": "pray"}, "quota.on_store_error"),
     ({"prices": {"x": {"input": 1}}}, "quota.prices.x.output: is required"),
+    ({"ledger": {"keep": "12h"}}, "quota.ledger.keep: expected a duration from 1d"),  # the dedupe window
 ])
 def test_bad_quota_config_names_the_key(change: dict, message: str) -> None:
     with pytest.raises(ValueError) as caught:
@@ -293,3 +295,26 @@ async def test_a_hold_is_priced_at_the_dearest_target_the_alias_may_fall_back_to
     assert with_claude.reservation.micro_usd == 9 * 3 + 100 * 15  # Claude's, should it answer instead
     answered = await with_claude.finish(Usage(12, 100, 0), provider="anthropic", model="claude-sonnet-4-5")
     assert answered.micro_usd <= with_claude.reservation.micro_usd + 3 * 3  # only Claude's longer prompt count
+
+
+async def test_with_ledger_keep_the_maintenance_drops_records_past_it(tmp_path: Path) -> None:
+    """``quota.ledger.keep`` (at least a day in the config; shorter here, set on the settings directly): the
+    governor's maintenance trims the ledger, so the file stops growing with history; budgets are untouched."""
+    g = governor(tmp_path, replace(settings(), ledger_keep_seconds=0.3))
+    first = await (await admit(g, {**HELLO, "max_tokens": 10}, rid="early")).finish(Usage(9, 10, 0), provider="openai")
+    await asyncio.sleep(0.4)
+    await (await admit(g, {**HELLO, "max_tokens": 10}, rid="late")).finish(Usage(9, 10, 0), provider="openai")
+    g.start(every=0.05)
+    await asyncio.sleep(0.2)
+    left = [r.request_id async for r in g.ledger.records(since=0)]
+    probe = await g.store.reserve(QuotaPolicy(settings()).scopes(principal="alice", team="ml", alias="chat"), 0, 0,
+                                  lease_seconds=1)
+    team = next(s for s in probe.states if s.scope == "team:ml" and s.kind == "money")
+    await g.close()
+    assert left == ["late"]
+    assert team.limit - team.remaining == 2 * first.micro_usd  # what was spent stays spent
+
+
+def test_ledger_keep_is_a_duration_and_by_default_every_record_is_kept() -> None:
+    assert settings(ledger={"keep": "35d"}).ledger_keep_seconds == 35 * 86_400
+    assert settings().ledger_keep_seconds is None

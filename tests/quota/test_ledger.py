@@ -76,6 +76,22 @@ async def test_since_and_until_select_by_the_ledgers_time(make_ledger: LedgerFac
     assert await totals(ledger, since=time.time() + 60) == {}
 
 
+async def test_a_trim_drops_the_records_older_than_its_cut_and_keeps_the_newer(make_ledger: LedgerFactory) -> None:
+    """``quota.ledger.keep``'s step: the embedded ledger drops exactly the older rows; Redis drops whole stream
+    nodes (about 100 entries), so fewer than a node's worth of older records may wait for the next trim."""
+    ledger = make_ledger()
+    for i in range(250):
+        await ledger.append(record(f"old-{i}"))
+    cut = time.time() + 0.05
+    time.sleep(0.1)
+    await ledger.append(record("new"))
+    dropped = await ledger.trim(cut)
+    left = [r.request_id async for r in ledger.records(since=0)]
+    assert left[-1] == "new" and dropped + len(left) - 1 == 250
+    assert len(left) - 1 < 100 and (len(left) == 1 or isinstance(ledger, RedisLedger))
+    assert await ledger.trim(cut - 3600) == 0  # nothing that old is left
+
+
 def test_durations_for_since() -> None:
     assert [parse_since(s) for s in ("90s", "30m", "24h", "7d")] == [90, 1_800, 86_400, 604_800]
     with pytest.raises(ValueError):
