@@ -39,9 +39,9 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not self._buf and not self._data and self._event is None and not self._skip_lf:
-            events = self._whole_data_events(chunk)
-            if events is not None:
-                return events
+            whole = self._whole_data_events(chunk)
+            if whole is not None:
+                return whole
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[0] == 0x0A:
