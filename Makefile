@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check extproc tests
 	$(BIN)/mypy
 
+# pipeline.md sets up the LiteLLM peer on its first run (.bench/litellm-venv, from ../shared/peers/litellm)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run --out tests/bench/results.md
 	$(BIN)/python -m tests.bench.protobuf_parse >> tests/bench/results.md

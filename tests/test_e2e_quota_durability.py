@@ -155,9 +155,14 @@ def test_sigterm_under_load_records_every_served_request(gateway, fake, tmp_path
         assert served > 20, load.counts
         if store == "embedded":
             gw.start()  # the file is the embedded store's; read it as the restarted gateway sees it
-        found = records(gw, r, n=len(fake.usage_log))
+        everything = records(gw, r, n=len(fake.usage_log))
+        # a request admitted as the stop began but never sent is settled as unsent, at $0 (its hold given back)
+        unsent = [x for x in everything if x.outcome == "unsent"]
+        found = [x for x in everything if x.outcome != "unsent"]
+        assert all(x.micro_usd == 0 for x in unsent) and len(unsent) <= 8, unsent
         # every answer the provider gave is in the ledger once, complete, at exactly its bill
-        assert len({x.request_id for x in found}) == len(found) == len(fake.usage_log) >= served
+        assert len({x.request_id for x in everything}) == len(everything)
+        assert len(found) == len(fake.usage_log) >= served, Counter(x.outcome for x in everything)
         assert {x.outcome for x in found} == {"complete"}
         assert sum(x.micro_usd for x in found) == billed(fake)
         assert (spent(redis, org(100)) if r else embedded_spent(gw)) == billed(fake)
@@ -268,7 +273,12 @@ def test_a_sidecar_killed_during_an_outage_leaves_its_fail_open_spend_for_the_ne
         gw.start()
         found = records(gw, redis, n=6, timeout=15)  # replayed by the new process's maintenance round
         assert len({x.request_id for x in found}) == len(found) == len(fake.usage_log) == 6
-        assert sum(x.micro_usd for x in found) == billed(fake) == spent(redis, org(100))
+        assert sum(x.micro_usd for x in found) == spent(redis, org(100))  # to the micro-dollar
+        # exact, or (killed between the answer and its settlement) charged at its hold, as Redis would
+        exact = [x for x in found if x.outcome == "complete"]
+        assert {x.outcome for x in found} <= {"complete", "unknown"} and len(exact) >= 5
+        assert sum(x.micro_usd for x in found) == billed(fake) if len(exact) == 6 else \
+            sum(x.micro_usd for x in found) > billed(fake)
         assert "from an earlier run wait for the quota store" in gw.log()
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class Governor:
         """Take up what an earlier process on this machine served and could not settle or record."""
         if self.spool is None:
             return
-        found = [_Unfinished.from_pending(p) for p in self.spool.load()]
+        found = [_Unfinished.from_pending(p) for p in self.spool.load() if not p.owned_by_another_live_process()]
         if found:
             log.warning("%d finished requests from an earlier run wait for the quota store (from %s): replaying",
                         len(found), self.spool.path)
@@ -277,7 +278,7 @@ class Governor:
                 self.spool.drop(item.record.request_id)
             except Exception as e:  # replayed again at the next start: idempotent by request id
                 log.warning("could not forget request %s in %s: %s", item.record.request_id, self.spool.path, e)
-            item.spooled = False
+            item.spooled = item.provisional = False
 
     def store_failed(self, op: str) -> None:
         self.store_errors += 1
@@ -303,7 +304,21 @@ class Governor:
             log.warning("quota store unavailable, admitting request %s against local limits / %d (fail_open): %s",
                         rid, self.settings.replicas, e.message)
             local = scaled(scopes, self.settings.replicas)
-            return await self._local.reserve(local, tokens, micro, lease_seconds=lease, reservation_id=rid), self._local
+            result = await self._local.reserve(local, tokens, micro, lease_seconds=lease, reservation_id=rid)
+            if isinstance(result, Reservation):
+                self._spool_admitted(result, scopes, record.expired(tokens, micro))
+            return result, self._local
+
+    def _spool_admitted(self, held: Reservation, scopes: tuple[ScopeLimits, ...], record: UsageRecord) -> None:
+        """Put a fail-open admission on disk at once, as what its hold would charge (``unknown``): if the
+        process dies before the request finishes, the next one charges it, as an expired Redis hold would be
+        (its ``finish`` replaces the entry, or drops it once the shared charge went through)."""
+        if self.spool is None:
+            return
+        try:
+            self.spool.put(Pending("charge", record, held, scopes, owner=os.getpid()))
+        except Exception as e:  # a full or read-only disk: the request still finishes and is charged in memory
+            log.error("could not keep request %s on disk in %s: %s", record.request_id, self.spool.path, e)
 
 
 class Admission:
@@ -443,10 +458,12 @@ class _Unfinished:
     shared store (one call writes the budget change and the record),
     ``charge`` a fail-open admission (settled on the ``local`` store first,
     then charged to the shared store with its record) or ``append`` the record
-    alone (nothing was held). ``spooled``: also kept on disk (``Spool``).
+    alone (nothing was held). ``spooled``: also kept on disk (``Spool``);
+    ``provisional``: a fail-open admission's entry is on disk at its hold, to be
+    replaced by this record if it must wait, or dropped once it went through.
     """
 
-    __slots__ = ("kind", "local", "reservation", "record", "scopes", "spooled")
+    __slots__ = ("kind", "local", "provisional", "reservation", "record", "scopes", "spooled")
 
     def __init__(
         self, kind: Kind, reservation: Reservation, record: UsageRecord,
@@ -458,6 +475,7 @@ class _Unfinished:
         self.record = record
         self.scopes = scopes
         self.spooled = False
+        self.provisional = False
 
     @classmethod
     def of(cls, g: Governor, store: QuotaStore | None, reservation: Reservation, record: UsageRecord,
@@ -467,7 +485,9 @@ class _Unfinished:
             return cls("append", reservation, record)
         if store is g.store:
             return cls("settle", reservation, record, scopes)
-        return cls("charge", reservation, record, scopes, local=store)
+        item = cls("charge", reservation, record, scopes, local=store)
+        item.provisional = g.spool is not None  # its admission is on disk (Governor._spool_admitted)
+        return item
 
     @classmethod
     def from_pending(cls, p: Pending) -> _Unfinished:
@@ -498,6 +518,6 @@ class _Unfinished:
                 log.error("could not settle and record request %s (kept to retry): %s", r.request_id, e.message)
                 g.keep(self)
             return False
-        if self.spooled:
+        if self.spooled or self.provisional:
             g.unspool(self)
         return True

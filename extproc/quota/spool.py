@@ -2,10 +2,14 @@
 
 The governor keeps such requests in memory and replays them when Redis
 answers again; this file makes that backlog outlive the process. An entry
-is written only when a store call fails (an outage, never on the normal
-path) and deleted once its replay went through, so after a SIGKILL or a
-stop during a Redis outage the next gateway on the machine finds what was
-served and not yet charged, and charges it. Every replay is idempotent by
+is written only during an outage, never on the normal path: when a store
+call fails, and when a request is admitted locally under ``fail_open`` (at
+once, at what its hold would charge, outcome ``unknown``; its ``owner`` is
+the admitting process, and the entry is replaced by the real record when
+the request finishes). It is deleted once its replay went through, so after
+a SIGKILL or a stop during a Redis outage the next gateway on the machine
+finds what was served and not yet charged, and charges it. An admission
+whose owner still runs is left to that process. Every replay is idempotent by
 request id (``settle`` and ``charge`` remember the ids they closed), so an
 entry replayed twice, by two processes sharing the file, counts once.
 
@@ -37,19 +41,21 @@ Kind = Literal["append", "settle", "charge"]
 class Pending:
     """One finished request's outstanding store work, as the spool keeps it."""
 
-    __slots__ = ("kind", "record", "reservation", "scopes")
+    __slots__ = ("kind", "owner", "record", "reservation", "scopes")
 
     def __init__(self, kind: Kind, record: UsageRecord, reservation: Reservation,
-                 scopes: tuple[ScopeLimits, ...]) -> None:
+                 scopes: tuple[ScopeLimits, ...], owner: int = 0) -> None:
         self.kind = kind
         self.record = record
         self.reservation = reservation
         self.scopes = scopes
+        self.owner = owner  # the pid of the process whose request is still running (0: a finished request)
 
     def to_json(self) -> str:
         r = self.reservation
         return json.dumps({
             "kind": self.kind,
+            "owner": self.owner,
             "record": asdict(self.record),
             "scopes": [asdict(s) for s in self.scopes],
             "reservation": {
@@ -67,7 +73,20 @@ class Pending:
         kind = d["kind"]
         if kind not in ("append", "settle", "charge"):
             raise ValueError(f"unknown pending kind {kind!r}")
-        return cls(kind, UsageRecord(**d["record"]), reservation, tuple(_scope_in(s) for s in d["scopes"]))
+        return cls(kind, UsageRecord(**d["record"]), reservation, tuple(_scope_in(s) for s in d["scopes"]),
+                   int(d.get("owner", 0)))
+
+    def owned_by_another_live_process(self) -> bool:
+        """A request still running in another process on this machine (a sibling worker): not ours to charge."""
+        if not self.owner or self.owner == os.getpid():
+            return False
+        try:
+            os.kill(self.owner, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # it exists, under another user
+        return True
 
 
 class Spool:

@@ -15,6 +15,11 @@ request costs, and which Python gRPC stack serves them:
   grpclib 2s/5m       the same on grpclib (pure-Python HTTP/2 on the event loop, no extra threads)
   grpclib 1s/2m
 
+The pipeline bench (``tests.bench.pipeline``) runs two more no-op servers behind the gateway's own
+rendered config, answering as its gateway stage does for a prepared primary target: ``g2`` (request
+headers and body: the one-stream floor) and ``g4`` (the answer's headers and body too, as the gateway
+reads every answer), so that the floor stands in the same run as the gateway it bounds.
+
     python -m tests.bench.floor --out tests/bench/floor.md [--quick]
 
 Same rules as bench.run: everything on 127.0.0.1, free ports, every process stopped.
@@ -52,6 +57,8 @@ def _answer(role: str, variant: str, req: Any, authority: str, key: str, alias: 
 
     mode = processing_mode_pb2.ProcessingMode
     phase = req.WhichOneof("request")
+    if variant in ("g2", "g4"):
+        return _as_gateway_stage(variant, phase, key, alias)
     if role == "gateway":
         if phase != "request_body":
             return messages.cont(phase)
@@ -74,6 +81,24 @@ def _answer(role: str, variant: str, req: Any, authority: str, key: str, alias: 
     if phase == "response_headers":
         return messages.cont("response_headers", set_headers={"x-tollgate-provider": "plain"},
                              remove_headers=["content-length"])
+    return messages.cont(phase)
+
+
+def _as_gateway_stage(variant: str, phase: str, key: str, alias: str) -> Any:
+    """Behind the gateway's own rendered config (both filters, their matchers), answer as its gateway stage
+    answers a prepared primary target, and nothing else. ``g2``: request headers and body only (the
+    issue's one-stream floor); ``g4``: the answer's headers and body are asked for too, as the real
+    gateway does to read every answer, so the no-op pays the same 4 messages."""
+    from extproc.pipeline import messages
+    from extproc.pipeline.upstream import PREPARED_HEADER
+
+    if phase == "request_headers" and variant == "g4":
+        return messages.cont(phase, response_body_mode=messages.BUFFERED)  # response headers SEND, body BUFFERED
+    if phase == "request_body":
+        # the upstream `attempt` filter is skipped for a prepared primary, so the key is set here
+        return messages.cont(phase, set_headers={ROUTE_HEADER: alias, PREPARED_HEADER: "1",
+                                                 "authorization": f"Bearer {key}"},
+                             remove_headers=["x-api-key"], clear_route_cache=True)
     return messages.cont(phase)
 
 

@@ -1,21 +1,31 @@
-"""What users run, side by side in one run: the pipeline people deploy, a translated provider, and a peer.
+"""What users run, side by side in one run: the pipeline people deploy, a translated provider, a peer, the floor.
 
-    python -m tests.bench.pipeline --out tests/bench/pipeline.md [--quick]
+    python -m tests.bench.pipeline --out tests/bench/pipeline.md [--quick] [--no-peer] [--only a,b] [--streams-only]
 
 Targets, all answering the same ~2 KB chat prompt from fake providers on loopback:
 
+  floor 2m    the gateway's own rendered Envoy config in front of a do-nothing ext_proc server that answers
+              as the gateway stage does for a prepared primary target: one gRPC stream, 2 messages
+              (request headers, buffered body) per request. Issue 13's "one-stream floor".
+  floor 4m    the same, but asking for the answer's headers and body as the gateway does: 4 messages,
+              the gateway's own count, with no gateway logic behind them
   base        the gateway with auth none and no quotas (OpenAI passthrough)
-  full        what users run: JWT auth (cached token), quotas on a local redis-server, metrics, access log
+  full        what users run: JWT auth (cached token), quotas on a local redis-server (AOF, fsync every
+              second, as the README advises), metrics, access log
   embedded    quotas on the embedded store, otherwise like base
   anthropic   base, but the alias's target is an Anthropic-schema provider (translated both ways)
-  observe     full, with the streamed alias on ``stream_chunks: observe`` (streams only: chunks pass unheld)
-  litellm     the LiteLLM proxy (../shared/peers/litellm, one worker, no database), if it is set up
+  observe     full, with the streamed alias on ``stream_chunks: observe`` (streams only)
+  litellm     the LiteLLM proxy (``shared/peers/litellm``, one worker, no database), set up on first use;
+              when it cannot be set up or started the report says why, in the table
 
-Non-streaming: wrk at concurrency 16, several rounds, the order rotated every round so the machine's
-noise falls on every target alike; reported as the median with the spread (min–max) of the rounds.
-CPU per request is read from /proc for every process involved (Envoy, the Python server, redis-server,
-the fake provider, the peer). Streaming: 50 chunks paced by the fake, first-token time added over the
-fake itself at concurrency 1 and 8, and CPU per chunk.
+Non-streaming: wrk at concurrency 16, then at concurrency 1 (for the latency each target adds over the
+fake provider reached directly), several rounds, the order rotated every round so the machine's noise
+falls on every target alike; reported as the median with the spread (min–max) of the rounds, and ratios
+computed round by round (a target against the base measured next to it). CPU per request is read from
+/proc for every process involved (Envoy, the Python server, redis-server, the peer; the fake provider
+apart); Envoy's own counters give the ext_proc messages per request. Streaming: 50 chunks paced by the
+fake, rotated rounds at concurrency 1 and 8: first token added over the fake itself, CPU per chunk and
+per stream. The report ends with issue 13's goals, each against this run's figure.
 
 Every process started here is stopped again; every port is free and on 127.0.0.1.
 """
@@ -25,36 +35,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench import peer as litellm
 from tests.bench.run import (
-    CLIENT_KEY, KEY_ENV, STREAM_CHUNKS, TOKEN_DELAY, StreamStats, Target, chat_body, check_once,
-    comm, cpu_of, descendants, ensure_wrk, machine_facts, run_wrk, start_fake, stop_process, stream_batch,
+    CLIENT_KEY, KEY_ENV, STREAM_CHUNKS, TOKEN_DELAY, StreamStats, Target, chat_body, check_once, comm, cpu_of,
+    descendants, ensure_wrk, machine_facts, run_wrk, start_fake, stop_process, stream_batch,
     wrk_script,
 )
-from tests.harness import Gateway, free_port, wait_port
+from tests.harness import ENVOY, TOLLGATE, Gateway, free_port, wait_port, wait_ready
 from tests.quota.redis_process import RedisProcess
 
 REPO = Path(__file__).resolve().parents[2]
-PEER_DIR = REPO.parent / "shared" / "peers" / "litellm"
-PEER_VENV = Path(os.environ.get("LITELLM_VENV", REPO / ".bench" / "litellm-venv"))
-PEER_KEY = "sk-peer-master-1234"
-PEER_MODEL = "gpt-4o-mini"
 UPSTREAM_KEY = "sk-upstream-openai-fake"  # the key the peer's config sends; every fake here expects it
 PLAIN, PACED = "bench-plain", "bench-stream"
+FLOORS = {"floor 2m": "g2", "floor 4m": "g4"}
+WITH_REDIS = ("full", "observe")
 
 
 @dataclass
 class Subject:
-    """One target: where it listens, what the client sends, and whose CPU counts for it."""
+    """One target: where it listens, what the client sends, whose CPU counts for it, and what it measured."""
 
     key: str
     base: str
@@ -63,12 +74,19 @@ class Subject:
     plain_model: str
     stream_model: str
     roles: dict[str, list[int]]
-    streams_only: bool = False
-    rounds: list[dict[str, float]] = field(default_factory=list)
-    cpu_us: list[dict[str, float]] = field(default_factory=list)
+    plain: bool = True  # takes part in the non-streaming rounds
+    streams: bool = True  # takes part in the streaming rounds
+    admin: int | None = None  # its Envoy's admin port, for ext_proc message counts
+    log: Path | None = None  # the gateway's log, quoted when it answers anything but 200
+    c16: list[dict[str, Any]] = field(default_factory=list)  # per round: wrk figures, CPU µs/req by role, msgs/req
+    c1: list[dict[str, Any]] = field(default_factory=list)
+    stream: dict[int, list[StreamStats]] = field(default_factory=dict)  # conns -> one StreamStats per round
 
     def target(self) -> Target:
         return Target(self.key, self.key, self.base, self.stream_base, self.bearer, self.roles)
+
+
+# --------------------------------------------------------------------------- starting the targets
 
 
 def gateway_pids(gw: Gateway) -> dict[str, list[int]]:
@@ -85,10 +103,9 @@ def configs(ports: dict[str, int], tmp: Path, redis_url: str) -> tuple[dict[str,
 
     def providers(kind: str) -> dict[str, Any]:
         key = {"api_key": {"env": KEY_ENV}}
-        return {
-            "plain": {"type": kind, "base_url": f"http://127.0.0.1:{ports[kind + '-plain']}" + ("/v1" if kind == "openai" else ""), **key},
-            "paced": {"type": kind, "base_url": f"http://127.0.0.1:{ports[kind + '-paced']}" + ("/v1" if kind == "openai" else ""), **key},
-        }
+        suffix = "/v1" if kind == "openai" else ""
+        return {"plain": {"type": kind, "base_url": f"http://127.0.0.1:{ports[kind + '-plain']}{suffix}", **key},
+                "paced": {"type": kind, "base_url": f"http://127.0.0.1:{ports[kind + '-paced']}{suffix}", **key}}
 
     def models(model: str) -> dict[str, Any]:
         return {PLAIN: {"targets": [{"provider": "plain", "model": model}]},
@@ -119,74 +136,393 @@ def configs(ports: dict[str, int], tmp: Path, redis_url: str) -> tuple[dict[str,
     }, token
 
 
-def start_peer(tmp: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes] | None, int, str]:
-    if not (PEER_VENV / "bin" / "litellm").exists():
-        return None, 0, f"LiteLLM not set up ({PEER_VENV}); run `bash {PEER_DIR}/setup.sh` with VENV={PEER_VENV}"
-    port = free_port()
-    env = {**os.environ, "VENV": str(PEER_VENV), "PORT": str(port), "MAX_SECONDS": "1800",
-           "UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1"}
-    p = subprocess.Popen(["bash", str(PEER_DIR / "start.sh")], env=env, start_new_session=True,
-                         stdout=(tmp / f"litellm-{port}.log").open("ab"), stderr=subprocess.STDOUT)
-    try:
-        wait_port(port, 90)
-    except TimeoutError:
-        stop_process(p)
-        return None, 0, "LiteLLM did not start in 90 s"
-    version = subprocess.run([str(PEER_VENV / "bin" / "pip"), "show", "litellm"], capture_output=True,
-                             text=True).stdout.split("Version:")[-1].split()[0]
-    return p, port, f"LiteLLM {version}, 1 worker, no database"
+def start_floor(tmp: Path, name: str, cfg: dict[str, Any], fake: tuple[int, int],
+                procs: list[subprocess.Popen[bytes]]) -> Subject:
+    """The gateway's rendered Envoy in front of a do-nothing ext_proc server (tests.bench.floor's ``serve``)."""
+    d = tmp / name.replace(" ", "-")
+    d.mkdir()
+    gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY})  # never started: its ports, config file and env
+    conf = d / "envoy.yaml"
+    conf.write_bytes(subprocess.run([TOLLGATE, "render-envoy", "--config", str(gw.config_path)], check=True,
+                                    capture_output=True, env=gw.env).stdout)
+    fake_port, fake_pid = fake
+    server = subprocess.Popen([sys.executable, "-m", "tests.bench.floor", "--serve", "grpcio", FLOORS[name],
+                               str(gw.extproc_port), f"127.0.0.1:{fake_port}", PLAIN],
+                              stdout=(d / "server.log").open("ab"), stderr=subprocess.STDOUT, env=gw.env, cwd=REPO)
+    procs.append(server)
+    envoy = subprocess.Popen([ENVOY, "-c", str(conf), "--disable-hot-restart", "--concurrency", "2", "-l", "warning"],
+                             stdout=(d / "envoy.log").open("ab"), stderr=subprocess.STDOUT)
+    procs.append(envoy)
+    wait_ready(gw.admin_port)
+    wait_port(gw.port)
+    wait_port(gw.extproc_port)
+    return Subject(name, f"http://127.0.0.1:{gw.port}", None, CLIENT_KEY, PLAIN, PLAIN,
+                   {"envoy": [envoy.pid], "python": [server.pid], "fake": [fake_pid]},
+                   streams=False, admin=gw.admin_port)
 
 
-def measure(s: Subject, conns: int, seconds: float, script: Path) -> None:
+def start_gateways(tmp: Path, cfgs: dict[str, dict[str, Any]], token: str, pids: dict[str, int],
+                   redis: RedisProcess, gateways: list[Gateway]) -> list[Subject]:
+    subjects: list[Subject] = []
+    for key, cfg in cfgs.items():
+        d = tmp / f"gw-{key}"
+        d.mkdir()
+        gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(d / "state")}).start()
+        gateways.append(gw)
+        kind = "anthropic" if key == "anthropic" else "openai"
+        roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
+        if key in WITH_REDIS and redis.proc is not None:
+            roles["redis"] = [redis.proc.pid]
+        subjects.append(Subject(key, gw.base_url.removesuffix("/v1"), gw.base_url.removesuffix("/v1"),
+                                token if key in WITH_REDIS else CLIENT_KEY, PLAIN, PACED, roles,
+                                plain=key != "observe", admin=gw.admin_port, log=gw.log_path))
+    return subjects
+
+
+def start_peer(ports: dict[str, int], pids: dict[str, int], peers: list[subprocess.Popen[bytes]]
+               ) -> tuple[Subject | None, str]:
+    """Two proxies (the plain fake behind one, the paced fake behind the other), or None and why not."""
+    peer = litellm.Peer.default()
+    why = peer.setup()  # once, before the two starts (a fresh machine creates the venv here)
+    if why is not None:
+        return None, why
+    mine = [free_port()]
+    while len(mine) < 2:  # two quick picks can return the same free port
+        mine += [p for p in [free_port()] if p not in mine]
+    with ThreadPoolExecutor(2) as pool:  # side by side: one wait for both imports, not two in a row
+        (plain, plain_port, note), (paced, paced_port, paced_note) = pool.map(
+            peer.start, [ports["openai-plain"], ports["openai-paced"]], mine)
+    peers += [p for p in (plain, paced) if p is not None]
+    if plain is None or paced is None:
+        return None, note if plain is None else paced_note
+    own = [plain.pid, *descendants(plain.pid), paced.pid, *descendants(paced.pid)]
+    return Subject("litellm", f"http://127.0.0.1:{plain_port}", f"http://127.0.0.1:{paced_port}", litellm.KEY,
+                   litellm.MODEL, litellm.MODEL,
+                   {"litellm": own, "fake": [pids["openai-plain"], pids["openai-paced"]]}), note
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def envoy_counters(admin: int | None) -> dict[str, int]:
+    """The Envoy counters that explain an answer other than 200: ext_proc's, and the downstream status classes."""
+    if admin is None:
+        return {}
+    out: dict[str, int] = {}
+    query = "filter=(ext_proc|downstream_rq_[1-5]xx|rq_timeout|upstream_rq_[45]xx|overflow)&usedonly"
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?{query}", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+    return out
+
+
+def measure(s: Subject, conns: int, seconds: float, script: Path, warm: bool) -> dict[str, Any]:
+    """One wrk run. Answers other than 200 are counted and explained (Envoy's counters that moved, the
+    gateway's last log lines) rather than ending the whole run: the report shows them."""
     url = f"{s.base}/v1/chat/completions"
-    run_wrk(url, script, conns, 1.0)
+    if warm:
+        run_wrk(url, script, conns, 1.0)
+    cb = envoy_counters(s.admin)  # read outside the CPU window: the admin call costs Envoy CPU too
     before = {r: cpu_of(p) for r, p in s.roles.items()}
     w = run_wrk(url, script, conns, seconds)
     after = {r: cpu_of(p) for r, p in s.roles.items()}
-    if w["non2xx"] or w["err_timeout"]:
-        raise RuntimeError(f"{s.key}: {int(w['non2xx'])} non-2xx answers, {int(w['err_timeout'])} timeouts")
+    ca = envoy_counters(s.admin)
     n = max(1.0, w["requests"])
-    s.rounds.append(w)
-    s.cpu_us.append({r: (after[r] - before[r]) / n * 1e6 for r in before})
+    moved = {k: ca[k] - cb.get(k, 0) for k in ca if ca[k] != cb.get(k, 0)}
+    sent = sum(v for k, v in moved.items() if k.endswith(".stream_msgs_sent"))
+    run: dict[str, Any] = {"wrk": w, "cpu": {r: (after[r] - before[r]) / n * 1e6 for r in before},
+                           "msgs": sent / n if s.admin else None, "bad": int(w["non2xx"] + w["err_timeout"])}
+    if run["bad"]:
+        counters = ", ".join(f"{k} +{v}" for k, v in sorted(moved.items()) if "msgs" not in k and "started" not in k)
+        run["why"] = (f"{s.key}, c={conns}: {int(w['non2xx'])} non-2xx and {int(w['err_timeout'])} timed out of "
+                      f"{int(w['requests'])}; Envoy: {counters or '-'}; log: {_log_tail(s.log, 3)}")
+        print("  " + run["why"], file=sys.stderr, flush=True)
+    return run
 
 
-async def stream_rounds(subjects: list[Subject], conns: int, per_round: int, rounds: int) -> dict[str, StreamStats]:
-    stats = {s.key: StreamStats(s.key, conns) for s in subjects}
+def _log_tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return "(no log)"
+    return " / ".join(line[:300] for line in path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def rotated(items: list[Subject], r: int) -> list[Subject]:
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def plain_rounds(subjects: list[Subject], direct: Subject, scripts: dict[str, Path], rounds: int,
+                 seconds: tuple[float, float]) -> None:
+    for s in subjects:  # not counted: lazy set-up on first use (LiteLLM's first requests take seconds)
+        run_wrk(f"{s.base}/v1/chat/completions", scripts[s.key], 16, 5.0 if s.key == "litellm" else 2.0)
+    for r in range(rounds):
+        for s in rotated(subjects, r):
+            s.c16.append(measure(s, 16, seconds[0], scripts[s.key], warm=True))
+            print(f"  round {r + 1} c=16 {s.key:10} {s.c16[-1]['wrk']['rps']:8,.0f} req/s", file=sys.stderr, flush=True)
+        for s in rotated([direct, *subjects], r):  # warm from c=16 (the direct fake: from the gateways' load)
+            s.c1.append(measure(s, 1, seconds[1], scripts[s.key], warm=False))
+            print(f"  round {r + 1} c=1  {s.key:10} p50 {s.c1[-1]['wrk']['p50_us'] / 1000:6.2f} ms",
+                  file=sys.stderr, flush=True)
+
+
+async def stream_rounds(subjects: list[Subject], conns: int, per_round: int, rounds: int) -> None:
     bodies = {s.key: chat_body(s.stream_model, stream=True) for s in subjects}
     for s in subjects:  # warm-up, not counted
         await stream_batch(s.target(), conns, max(conns, 4), bodies[s.key], None)
     for r in range(rounds):
-        order = subjects[r % len(subjects):] + subjects[: r % len(subjects)]
-        for s in order:
-            await stream_batch(s.target(), conns, per_round, bodies[s.key], stats[s.key])
-    return stats
+        for s in rotated(subjects, r):
+            st = StreamStats(s.key, conns)
+            await stream_batch(s.target(), conns, per_round, bodies[s.key], st)
+            s.stream.setdefault(conns, []).append(st)
+            print(f"  round {r + 1} streams c={conns} {s.key:10} TTFT p50 {med(st.ttft) * 1000:6.2f} ms, "
+                  f"{len(st.failures)} failed", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    if not values:
+        return "-"
+    return f"{fmt.format(med(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def own_ms(run: dict[str, Any]) -> float:
+    """CPU ms per request of every process of the target but the fake provider."""
+    return sum(v for k, v in run["cpu"].items() if k != "fake") / 1000
+
+
+def pairs(a: list[dict[str, Any]], b: list[dict[str, Any]], f: Callable[[dict[str, Any], dict[str, Any]], float]
+          ) -> list[float]:
+    """Round-by-round figures of a against b, measured next to each other (a round where either answered
+    nothing is left out: it has no ratio)."""
+    return [f(x, y) for x, y in zip(a, b) if x["wrk"]["requests"] and y["wrk"]["requests"]]
+
+
+def rps_ratio(a: Subject, b: Subject) -> list[float]:
+    return pairs(a.c16, b.c16, lambda x, y: x["wrk"]["rps"] / y["wrk"]["rps"])
+
+
+def added_p50(s: Subject, direct: Subject) -> list[float]:
+    return pairs(s.c1, direct.c1, lambda x, y: (x["wrk"]["p50_us"] - y["wrk"]["p50_us"]) / 1000)
+
+
+def ttft_added(s: Subject, direct: Subject, conns: int) -> list[float]:
+    out = []
+    for x, y in zip(s.stream.get(conns, []), direct.stream.get(conns, [])):
+        if x.ttft and y.ttft:
+            out.append((med(x.ttft) - med(y.ttft)) * 1000)
+    return out
+
+
+def per_chunk_us(st: StreamStats, role: str = "python") -> float:
+    return st.cpu.get(role, float("nan")) / max(1, len(st.ttft) * STREAM_CHUNKS) * 1e6
+
+
+def per_stream_us(st: StreamStats) -> float:
+    return sum(v for k, v in st.cpu.items() if k != "fake") / max(1, len(st.ttft)) * 1e6
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def plain_table(subjects: list[Subject], direct: Subject) -> list[str]:
+    by = {s.key: s for s in subjects}
+    base = by.get("base")
+    lines = ["| target | ext_proc msgs/req | req/s c=16 | × base | CPU ms/req (all but fake) | Envoy | Python | "
+             "redis | LiteLLM | fake | p50 ms c=16 | added p50 ms c=1 | not 200 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in subjects:
+        if not s.c16:
+            continue
+        msgs = [r["msgs"] for r in s.c16 if r["msgs"] is not None]
+        cells = [spread([r["cpu"][k] / 1000 for r in s.c16], "{:.2f}") if k in s.roles else "-"
+                 for k in ("envoy", "python", "redis", "litellm", "fake")]
+        lines.append(
+            f"| {s.key} | {f'{med(msgs):.2f}' if msgs else '-'} | {spread([r['wrk']['rps'] for r in s.c16])} | "
+            f"{spread(rps_ratio(s, base), '{:.2f}') if base and base.c16 else '-'} | "
+            f"{spread([own_ms(r) for r in s.c16], '{:.2f}')} | " + " | ".join(cells) +
+            f" | {med([r['wrk']['p50_us'] / 1000 for r in s.c16]):.1f} | {spread(added_p50(s, direct), '{:.2f}')} | "
+            f"{sum(r['bad'] for r in s.c16 + s.c1)} |")
+    if direct.c1:
+        lines.append(f"| fake (direct) | - | - | - | - | - | - | - | - | - | - | "
+                     f"p50 itself {spread([r['wrk']['p50_us'] / 1000 for r in direct.c1], '{:.2f}')} | "
+                     f"{sum(r['bad'] for r in direct.c1)} |")
+    return lines
+
+
+def per_message(subjects: list[Subject]) -> list[str]:
+    """What one more ext_proc message costs with no logic behind it: floor 4m against floor 2m, round by round."""
+    by = {s.key: s for s in subjects}
+    two, four = by.get("floor 2m"), by.get("floor 4m")
+    if two is None or four is None or not two.c16 or not four.c16:
+        return []
+
+    def each(role: str) -> list[float]:
+        return pairs(four.c16, two.c16, lambda x, y: (x["cpu"][role] - y["cpu"][role]) / (x["msgs"] - y["msgs"]))
+
+    p50 = pairs(four.c1, two.c1, lambda x, y: (x["wrk"]["p50_us"] - y["wrk"]["p50_us"]) / (x["msgs"] - y["msgs"]))
+    return ["", f"One more ext_proc message, with no logic behind it (floor 4m against floor 2m, per message, round by "
+            f"round): Python {spread(each('python'))} µs and Envoy {spread(each('envoy'))} µs of CPU at c=16; "
+            f"{spread(p50)} µs of p50 at c=1."]
+
+
+def stream_table(subjects: list[Subject], direct: Subject, plan: list[int]) -> list[str]:
+    lines = ["| target | conns | ok / failed | TTFT p50 ms | first token added ms | total p50 ms | "
+             "Python CPU µs/chunk | CPU µs/stream (all but fake) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for conns in plan:
+        for s in [direct, *subjects]:
+            rounds = s.stream.get(conns, [])
+            if not rounds:
+                continue
+            ttft = [t for st in rounds for t in st.ttft]
+            total = [t for st in rounds for t in st.total]
+            failed = sum(len(st.failures) for st in rounds)
+            py = spread([per_chunk_us(st) for st in rounds], "{:.0f}") if "python" in s.roles else "-"
+            added = spread(ttft_added(s, direct, conns), "{:.2f}") if s is not direct else "-"
+            lines.append(f"| {s.key} | {conns} | {len(ttft)} / {failed} | {med(ttft) * 1000:.2f} | {added} | "
+                         f"{med(total) * 1000:.1f} | {py} | "
+                         f"{spread([per_stream_us(st) for st in rounds]) if s is not direct else '-'} |")
+    return lines
+
+
+def translated_ratio(by: dict[str, Subject], conns: int) -> list[float]:
+    a, b = by.get("anthropic"), by.get("base")
+    if a is None or b is None:
+        return []
+    return [per_stream_us(x) / per_stream_us(y) for x, y in zip(a.stream.get(conns, []), b.stream.get(conns, []))]
+
+
+@dataclass
+class Goal:
+    what: str
+    goal: float
+    unit: str  # "×", "ms", "µs"
+    at_most: bool  # the figure must stay at or under the goal (else at or above)
+    values: list[float]
+
+    def verdict(self) -> str:
+        if not self.values:
+            return "not measured in this run"
+        v = med(self.values)
+        if (v <= self.goal) if self.at_most else (v >= self.goal):
+            return "met"
+        times = v / self.goal if self.at_most else self.goal / v
+        by = f"{abs(v - self.goal):,.0f}" if self.unit == "µs" else f"{abs(v - self.goal):.2f}"
+        return f"**missed** by {by} {self.unit} ({times:.1f}× {'over' if self.at_most else 'short of'} the goal)"
+
+
+def goals(by: dict[str, Subject], direct: Subject) -> list[Goal]:
+    """Every goal of issue 13 that this bench measures; one whose target is missing has no values (and says so)."""
+    empty = Subject("-", "", None, "", "", "", {})
+
+    def sub(k: str) -> Subject:
+        return by[k] if k in by and by[k].c16 else empty
+
+    base, full, emb, floor, peer = sub("base"), sub("full"), sub("embedded"), sub("floor 2m"), sub("litellm")
+    streamed = by.get("full", empty)
+    return [
+        Goal("full pipeline: req/s c=16, × base", 0.8, "×", False, rps_ratio(full, base)),
+        Goal("full pipeline: CPU per request (Envoy + Python + redis-server)", 1.5, "ms", True,
+             [own_ms(r) for r in full.c16]),
+        Goal("full pipeline: req/s c=16, × LiteLLM", 10.0, "×", False, rps_ratio(full, peer)),
+        Goal("full pipeline: CPU per request, × LiteLLM's", 1 / 8, "×", True,
+             pairs(full.c16, peer.c16, lambda x, y: own_ms(x) / own_ms(y))),
+        Goal("base: CPU per request (Envoy + Python)", 1.0, "ms", True, [own_ms(r) for r in base.c16]),
+        Goal("base: added p50 c=1", 1.2, "ms", True, added_p50(base, direct) if base.c16 else []),
+        Goal("base: req/s c=16, × the one-stream floor (floor 2m)", 0.7, "×", False, rps_ratio(base, floor)),
+        Goal("embedded quotas: req/s c=16, × base", 0.9, "×", False, rps_ratio(emb, base)),
+        Goal("full stream: first token added c=1", 2.0, "ms", True, ttft_added(streamed, direct, 1)),
+        Goal("full stream: first token added c=8", 5.0, "ms", True, ttft_added(streamed, direct, 8)),
+        *(Goal(f"full stream: Python CPU per chunk c={c}", 40.0, "µs", True,
+               [per_chunk_us(st) for st in streamed.stream.get(c, [])]) for c in (1, 8)),
+        *(Goal(f"Anthropic stream CPU (Envoy + Python), × OpenAI passthrough, c={c}", 1.3, "×", True,
+               translated_ratio(by, c)) for c in (1, 8)),
+    ]
+
+
+def render(subjects: list[Subject], missing: dict[str, str], direct: Subject, plan: list[int],
+           facts: dict[str, str], notes: list[str], seconds: tuple[float, float], rounds: tuple[int, int],
+           took: float, load_end: str) -> str:
+    by = {s.key: s for s in subjects}
+    lines = [
+        "# What users run, side by side (`python -m tests.bench.pipeline`)", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.0f} s; load average "
+        f"{facts.get('load average at start', '?')} at the start, {load_end} at the end, on "
+        f"{facts.get('nproc', '?')} shared cores ({facts.get('CPU', '?')}): read ratios, not absolutes.", "",
+        f"Non-streaming: wrk, {rounds[0]} rounds, order rotated every round: {seconds[0]:.0f} s at concurrency 16, "
+        f"then {seconds[1]:.0f} s at concurrency 1. Median (min–max of the rounds); ratios and added latency are "
+        "computed round by round against the target measured beside it. CPU per request from /proc, per process.", "",
+    ]
+    if any(s.c16 for s in subjects):
+        lines += plain_table(subjects, direct)
+        lines += [f"| {k} | {why} |" + " |" * 11 for k, why in missing.items()]
+        lines += per_message(subjects)
+    else:
+        notes += [f"{k}: {why}" for k, why in missing.items()]
+    lines += ["", f"## Streaming ({STREAM_CHUNKS} chunks paced {TOKEN_DELAY * 1000:.1f} ms apart by the fake; "
+              f"{rounds[1]} rotated rounds)", ""] + stream_table([s for s in subjects if s.streams], direct, plan)
+    for c in plan:
+        r = translated_ratio(by, c)
+        if r:
+            lines.append(f"\nTranslated stream (Anthropic target) against the OpenAI passthrough stream, c={c}: "
+                         f"{spread(r, '{:.2f}')}× the CPU per stream (Envoy + Python).")
+    lines += ["", "## Issue 13's goals in this run", "", "| goal | target | this run: median (min–max) | verdict |",
+              "|---|---:|---:|---|"]
+    for g in goals(by, direct):
+        target = f"{'≤' if g.at_most else '≥'} {g.goal:.3g} {g.unit}"
+        fmt = "{:,.0f}" if g.unit == "µs" else "{:.2f}"
+        lines.append(f"| {g.what} | {target} | {spread(g.values, fmt)} | {g.verdict()} |")
+    lines.append("| ext_proc RSS flat within 10 % over 10 minutes | ≤ 10 % | not measured here | "
+                 "see README, Memory |")
+    for s in [direct, *subjects]:
+        notes += [r["why"] for r in s.c16 + s.c1 if r.get("why")]
+        for c, rounds_ in s.stream.items():
+            fails = [f for st in rounds_ for f in st.failures]
+            if fails:
+                notes.append(f"{s.key} at c={c}: {len(fails)} failed stream(s): " + "; ".join(sorted(set(fails))[:3]))
+    lines += ["", "Notes:"] + [f"- {n}" for n in notes if n] + [
+        "- floor 2m / floor 4m: the gateway's own rendered Envoy config in front of a do-nothing grpc.aio "
+        "server (`tests/bench/floor.py`, variants g2 / g4) answering as the gateway stage does; plain requests only.",
+        "- redis-server runs with AOF, fsync every second; its CPU counts for the full pipeline."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="short runs, for smoke-testing")
     ap.add_argument("--no-peer", action="store_true", help="leave the LiteLLM peer out")
-    ap.add_argument("--only", help="a comma-separated subset of the gateway targets (e.g. full,observe)")
+    ap.add_argument("--only", help="a comma-separated subset of the targets (e.g. full,observe or 'floor 2m,base')")
     ap.add_argument("--streams-only", action="store_true", help="the streaming part alone")
     ap.add_argument("--stream-rounds", type=int, default=None, help="rotated rounds of the streaming part")
     args = ap.parse_args(argv)
-    seconds, rounds = (2.0, 2) if args.quick else (6.0, 3)
+    seconds, rounds = ((2.0, 2.0), 2) if args.quick else ((5.0, 3.0), 3)
     stream_plan = [(1, 8), (8, 32)] if args.quick else [(1, 40), (8, 160)]
     stream_rounds_n = args.stream_rounds or rounds
-    wrk = ensure_wrk()
-    facts = machine_facts(wrk)
+    wanted = (lambda k: k in args.only.split(",")) if args.only else (lambda k: True)
+    facts = machine_facts(ensure_wrk())
     started = time.monotonic()
     notes: list[str] = []
+    missing: dict[str, str] = {}  # target -> why it is not in this run (a row in the table says so)
+    subjects: list[Subject] = []
+    direct = Subject("fake (direct)", "", None, UPSTREAM_KEY, "gpt-4o-mini", "gpt-4o-mini", {})
     with tempfile.TemporaryDirectory(prefix="tollgate-pipeline-") as name:
         tmp = Path(name)
         procs: list[subprocess.Popen[bytes]] = []
+        peers: list[subprocess.Popen[bytes]] = []
         gateways: list[Gateway] = []
-        redis = RedisProcess(tmp / "redis").start()
+        redis = RedisProcess(tmp / "redis", appendonly=True, appendfsync="everysec").start()
         try:
             ports: dict[str, int] = {}
             pids: dict[str, int] = {}
@@ -196,126 +532,49 @@ def main(argv: list[str] | None = None) -> int:
                     p, port = start_fake(tmp, f"{kind}-{flavour}", ["--kind", kind, "--api-key", UPSTREAM_KEY, *extra])
                     procs.append(p)
                     ports[f"{kind}-{flavour}"], pids[f"{kind}-{flavour}"] = port, p.pid
+            direct.base, direct.stream_base = (f"http://127.0.0.1:{ports['openai-plain']}",
+                                               f"http://127.0.0.1:{ports['openai-paced']}")
+            direct.roles = {"fake": [pids["openai-plain"], pids["openai-paced"]]}
             cfgs, token = configs(ports, tmp, redis.url)
-            if args.only:
-                cfgs = {k: v for k, v in cfgs.items() if k in args.only.split(",")}
-            subjects: list[Subject] = []
-            for key, cfg in cfgs.items():
-                d = tmp / f"gw-{key}"
-                d.mkdir()
-                gw = Gateway(d, cfg, env={KEY_ENV: UPSTREAM_KEY, "XDG_STATE_HOME": str(d / "state")}).start()
-                gateways.append(gw)
-                kind = "anthropic" if key == "anthropic" else "openai"
-                roles = {**gateway_pids(gw), "fake": [pids[f"{kind}-plain"], pids[f"{kind}-paced"]]}
-                if key in ("full", "observe"):
-                    roles["redis"] = [redis.proc.pid] if getattr(redis, "proc", None) else []
-                subjects.append(Subject(key, gw.base_url.removesuffix("/v1"), gw.base_url.removesuffix("/v1"),
-                                        token if key in ("full", "observe") else CLIENT_KEY, PLAIN, PACED, roles,
-                                        streams_only=key == "observe"))
-            if not args.no_peer:
-                peer, peer_port, peer_note = start_peer(tmp, ports["openai-plain"])
-                peer_s, peer_s_port, _ = start_peer(tmp, ports["openai-paced"]) if peer else (None, 0, "")
-                notes.append(peer_note)
-                if peer is not None and peer_s is not None:
-                    procs += [peer, peer_s]
-                    peer_pids = [peer.pid, *descendants(peer.pid), peer_s.pid, *descendants(peer_s.pid)]
-                    subjects.append(Subject("litellm", f"http://127.0.0.1:{peer_port}",
-                                            f"http://127.0.0.1:{peer_s_port}", PEER_KEY, PEER_MODEL, PEER_MODEL,
-                                            {"litellm": peer_pids, "fake": [pids["openai-plain"], pids["openai-paced"]]}))
-            direct = Subject("fake (direct)", f"http://127.0.0.1:{ports['openai-plain']}",
-                             f"http://127.0.0.1:{ports['openai-paced']}", UPSTREAM_KEY, "gpt-4o-mini",
-                             "gpt-4o-mini", {"fake": [pids["openai-plain"], pids["openai-paced"]]})
+            if not args.streams_only:
+                subjects += [start_floor(tmp, f, cfgs["base"], (ports["openai-plain"], pids["openai-plain"]), procs)
+                             for f in FLOORS if wanted(f)]
+            subjects += start_gateways(tmp, {k: v for k, v in cfgs.items() if wanted(k)}, token, pids, redis, gateways)
+            if not args.no_peer and wanted("litellm"):
+                peer_s, note = start_peer(ports, pids, peers)
+                if peer_s is not None:
+                    subjects.append(peer_s)
+                    notes.append(note)
+                else:
+                    missing["litellm"] = note
             scripts: dict[str, Path] = {}
-            for s in subjects:
+            for s in [direct, *subjects]:
                 body = chat_body(s.plain_model, stream=False)
                 status, _, obj = check_once(f"{s.base}/v1/chat/completions", body, s.bearer)
                 if status != 200 or not isinstance(obj, dict) or not obj.get("choices"):
                     raise RuntimeError(f"{s.key} answered {status}: {str(obj)[:300]}")
-                scripts[s.key] = wrk_script(tmp / f"wrk-{s.key}.lua", body, s.bearer)
-            plain = [] if args.streams_only else [s for s in subjects if not s.streams_only]
-            for r in range(rounds if plain else 0):
-                order = plain[r % len(plain):] + plain[: r % len(plain)]
-                for s in order:
-                    measure(s, 16, seconds, scripts[s.key])
-                    print(f"  round {r + 1} {s.key:10} {s.rounds[-1]['rps']:8,.0f} req/s", file=sys.stderr, flush=True)
-            stream_stats: dict[tuple[str, int], StreamStats] = {}
+                scripts[s.key] = wrk_script(tmp / f"wrk-{s.key.replace(' ', '-')}.lua", body, s.bearer)
+            if not args.streams_only:
+                plain_rounds([s for s in subjects if s.plain], direct, scripts, rounds, seconds)
             for conns, total in stream_plan:
-                got = asyncio.run(stream_rounds([direct, *subjects], conns, max(1, total // stream_rounds_n),
-                                                stream_rounds_n))
-                for k, st in got.items():
-                    stream_stats[(k, conns)] = st
+                asyncio.run(stream_rounds([direct, *[s for s in subjects if s.streams]], conns,
+                                          max(1, total // stream_rounds_n), stream_rounds_n))
         finally:
             for gw in gateways:
                 gw.stop()
+            for peer_p in peers:
+                litellm.stop(peer_p)
             for p in procs:
                 stop_process(p)
             redis.stop()
-    text = render(subjects, stream_stats, stream_plan, facts, notes, seconds, rounds, time.monotonic() - started)
+    if args.no_peer:
+        missing["litellm"] = "left out of this run (--no-peer)"
+    load_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    text = render(subjects, missing, direct, [c for c, _ in stream_plan], facts, notes, seconds,
+                  (rounds, stream_rounds_n), time.monotonic() - started, load_end)
     args.out.write_text(text)
     print(text)
     return 0
-
-
-def render(subjects: list[Subject], streams: dict[tuple[str, int], StreamStats], plan: list[tuple[int, int]],
-           facts: dict[str, str], notes: list[str], seconds: float, rounds: int, took: float) -> str:
-    by = {s.key: s for s in subjects}
-    ref = by["base"] if "base" in by and by["base"].rounds else next((s for s in subjects if s.rounds), None)
-    base_rps = statistics.median(w["rps"] for w in ref.rounds) if ref is not None else float("nan")
-
-    def cpu(s: Subject, role: str | None = None) -> float:
-        per_round = [sum(c.values()) if role is None else c.get(role, 0.0) for c in s.cpu_us]
-        return statistics.median(per_round)
-
-    lines = [
-        "# What users run, side by side (`python -m tests.bench.pipeline`)", "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} in {took:.0f} s. Non-streaming: wrk at concurrency 16, "
-        f"{rounds} rounds of {seconds:.0f} s per target, order rotated every round; median (min–max of the rounds).",
-        "CPU per request: every process of the target, read from /proc (fake provider listed apart).", "",
-        "| target | req/s c=16 | ratio to base | p50 ms | CPU ms/req (all but fake) | Envoy | Python | redis | peer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for s in subjects:
-        if not s.rounds:
-            continue
-        rps = [w["rps"] for w in s.rounds]
-        own = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in s.cpu_us) / 1000
-        cells = [f"{cpu(s, r) / 1000:.2f}" if r in s.roles else "-" for r in ("envoy", "python", "redis", "litellm")]
-        lines.append(f"| {s.key} | {spread(rps)} | {statistics.median(rps) / base_rps:.2f} | "
-                     f"{statistics.median(w['p50_us'] for w in s.rounds) / 1000:.2f} | {own:.2f} | " + " | ".join(cells) + " |")
-    if "litellm" in by and "full" in by:
-        peer = by["litellm"]
-        peer_rps = statistics.median(w["rps"] for w in peer.rounds)
-        peer_cpu = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in peer.cpu_us)
-        full = by["full"]
-        full_rps = statistics.median(w["rps"] for w in full.rounds)
-        full_cpu = statistics.median(sum(v for k, v in c.items() if k != "fake") for c in full.cpu_us)
-        lines += ["", f"Full pipeline against the peer: {full_rps / peer_rps:.1f}× its throughput, "
-                  f"{full_cpu / peer_cpu:.2f}× its CPU per request."]
-    lines += ["", f"## Streaming ({STREAM_CHUNKS} chunks paced {TOKEN_DELAY * 1000:.1f} ms apart by the fake)", "",
-              "| target | conns | ok / failed | TTFT p50 ms | first token added ms | total p50 ms | Python CPU µs/chunk |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for conns, _ in plan:
-        direct = streams.get(("fake (direct)", conns))
-        d_ttft = statistics.median(direct.ttft) * 1000 if direct and direct.ttft else float("nan")
-        for (key, c), st in streams.items():
-            if c != conns:
-                continue
-            ttft = statistics.median(st.ttft) * 1000 if st.ttft else float("nan")
-            total = statistics.median(st.total) * 1000 if st.total else float("nan")
-            n_chunks = max(1, len(st.ttft) * STREAM_CHUNKS)
-            py = st.cpu.get("python")
-            py_chunk = f"{py / n_chunks * 1e6:.1f}" if py is not None else "-"
-            added = f"{ttft - d_ttft:.2f}" if key != "fake (direct)" else "-"
-            lines.append(f"| {key} | {conns} | {len(st.ttft)} / {len(st.failures)} | {ttft:.2f} | {added} | "
-                         f"{total:.2f} | {py_chunk} |")
-    for (key, c), st in streams.items():
-        if st.failures:
-            reasons = sorted(set(st.failures))[:3]
-            notes.append(f"{key} at c={c}: {len(st.failures)} failed stream(s): " + "; ".join(reasons))
-    lines += ["", "Notes:"] + [f"- {n}" for n in notes if n] + [
-        f"- Machine: {facts.get('CPU', '?')}, {facts.get('nproc', '?')} cores, load at start "
-        f"{facts.get('load average at start', '?')}. The machine is shared: read ratios, not absolutes."]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,12 +15,14 @@ import yaml
 from extproc.errors import GatewayError
 from extproc.providers.base import Usage
 from extproc.quota.governor import Admission, Caller, Governor
-from extproc.quota.ledger import RedisLedger, SqliteLedger, totals
+from extproc.quota.ledger import RedisLedger, SqliteLedger, UsageRecord, totals
+from extproc.quota.limits import Reservation
 from extproc.quota.memory_store import open_embedded
 from extproc.quota.policy import QuotaPolicy
 from extproc.quota.prices import UnpricedModel
 from extproc.quota.redis_store import RedisQuotaStore, connect
 from extproc.quota.settings import QuotaSettings, parse_quota
+from extproc.quota.spool import Pending, Spool
 from extproc.quota.store import QuotaUnavailable
 from extproc.quota.tokenizer import Tokenizer
 from tests.harness import free_port
@@ -318,3 +322,81 @@ async def test_with_ledger_keep_the_maintenance_drops_records_past_it(tmp_path: 
 def test_ledger_keep_is_a_duration_and_by_default_every_record_is_kept() -> None:
     assert settings(ledger={"keep": "35d"}).ledger_keep_seconds == 35 * 86_400
     assert settings().ledger_keep_seconds is None
+
+
+def spooled_governor(server: RedisProcess, pending: Path) -> Governor:
+    client = connect(server.url)
+    s = replace(settings(on_store_error="fail_open"), pending_path=str(pending))
+    return Governor(s, store=RedisQuotaStore(client, tz=UTC), ledger=RedisLedger(client, owns_client=False),
+                    tokenizer=TOKENIZER, spool=Spool(str(pending)))
+
+
+async def team_spent(g: Governor) -> int:
+    probe = await g.store.reserve(QuotaPolicy(settings()).scopes(principal="alice", team="ml", alias="chat"), 0, 0,
+                                  lease_seconds=1)
+    team = next(s for s in probe.states if s.scope == "team:ml" and s.kind == "money")
+    return team.limit - team.remaining
+
+
+async def test_a_fail_open_admission_is_on_disk_before_it_finishes_so_the_next_process_charges_it(
+    tmp_path: Path,
+) -> None:
+    """Under fail_open with Redis down, a locally admitted request is in the pending file from its admission on
+    (at its hold, outcome unknown): a process that dies before the request finishes leaves it to the next one,
+    which charges the hold to the shared budget and the ledger once Redis is back, as a Redis hold would expire."""
+    with RedisProcess(tmp_path / "redis", appendonly=True) as server:
+        pending = tmp_path / "pending.sqlite3"
+        server.stop()
+        dying = spooled_governor(server, pending)
+        a = await admit(dying, {**HELLO, "max_tokens": 100}, rid="in-flight")
+        assert dying.store_errors == 1
+        assert dying.spool is not None
+        dying.spool.close()  # the process dies here: nothing finishes the request
+        server.restart()
+        successor = spooled_governor(server, pending)
+        successor.start(every=0.05)
+        await asyncio.sleep(0.3)
+        found = [(r.request_id, r.outcome, r.micro_usd) async for r in successor.ledger.records(since=0)]
+        spent = await team_spent(successor)
+        await successor.close()
+        assert found == [("in-flight", "unknown", a.reservation.micro_usd)]
+        assert spent == a.reservation.micro_usd
+
+
+async def test_a_finished_fail_open_request_replaces_its_admission_on_disk_with_what_it_cost(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path / "redis", appendonly=True) as server:
+        pending = tmp_path / "pending.sqlite3"
+        server.stop()
+        g = spooled_governor(server, pending)
+        record = await (await admit(g, {**HELLO, "max_tokens": 100}, rid="served")).finish(
+            Usage(9, 20, 0), provider="openai")
+        assert g.spool is not None
+        [kept] = g.spool.load()
+        assert (kept.record.outcome, kept.record.micro_usd, kept.owner) == ("complete", record.micro_usd, 0)
+        server.restart()
+        await g.replay()
+        assert g.spool.load() == [] and await team_spent(g) == record.micro_usd
+        await g.close()
+
+
+async def test_an_admission_still_running_in_a_live_sibling_is_left_to_it(tmp_path: Path) -> None:
+    """Workers share the pending file: a new worker charges what a dead process left, not the admissions of a
+    sibling that is still serving them (that one replaces or drops them itself)."""
+    with RedisProcess(tmp_path / "redis", appendonly=True) as server:
+        pending = tmp_path / "pending.sqlite3"
+        dead_pid = int(subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout)
+        spool = Spool(str(pending))
+        held = Reservation("x", (), (), 100, 1_500, 0.0)
+        scopes = QuotaPolicy(settings()).scopes(principal="alice", team="ml", alias="chat")
+        for rid, owner in (("sibling", os.getppid()), ("orphan", dead_pid)):
+            record = UsageRecord(rid, "alice", "ml", "chat", "", "gpt-4o", 90, 10, 0, 1_500, outcome="unknown")
+            spool.put(Pending("charge", record, replace(held, id=rid), scopes, owner=owner))
+        spool.close()
+        g = spooled_governor(server, pending)
+        g.start(every=0.05)
+        await asyncio.sleep(0.3)
+        found = [r.request_id async for r in g.ledger.records(since=0)]
+        assert g.spool is not None
+        left = [p.record.request_id for p in g.spool.load()]
+        await g.close()
+        assert (found, left) == (["orphan"], ["sibling"])
