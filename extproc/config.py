@@ -102,6 +102,10 @@ class EnvoySettings:
     log_level: str = "warning"
     concurrency: int = 2
     max_exchanges: int = 128  # concurrent requests each ext_proc worker takes; beyond: a fast 503 (Retry-After)
+    # How Envoy ends an ext_proc stream when its request is done: "graceful" half-closes it and waits for the
+    # server's own end; "reset" cancels it (Envoy's default), which costs grpcio native memory per stream
+    # (README, "Memory"). Kept as a choice to measure the difference and as a way back.
+    ext_proc_close: str = "graceful"
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,8 @@ def _assemble(r: Reader, data: Any) -> GatewayConfig:
 
 
 def parse_envoy(r: Reader, v: Any) -> EnvoySettings:
-    m = r.mapping(v, "envoy", {"binary", "admin", "message_timeout", "log_level", "concurrency", "max_exchanges"})
+    m = r.mapping(v, "envoy", {"binary", "admin", "message_timeout", "log_level", "concurrency", "max_exchanges",
+                               "ext_proc_close"})
     d = EnvoySettings()
     level = r.choice(m.get("log_level"), "envoy.log_level", ("trace", "debug", "info", "warning", "error", "critical",
                                                              "off"), d.log_level)
@@ -255,6 +260,8 @@ def parse_envoy(r: Reader, v: Any) -> EnvoySettings:
         log_level=level,
         concurrency=r.integer(m.get("concurrency"), "envoy.concurrency", d.concurrency, 1, 64),
         max_exchanges=r.integer(m.get("max_exchanges"), "envoy.max_exchanges", d.max_exchanges, 1, 1_000_000),
+        ext_proc_close=r.choice(m.get("ext_proc_close"), "envoy.ext_proc_close", ("graceful", "reset"),
+                                d.ext_proc_close),
     )
 
 

