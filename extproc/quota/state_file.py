@@ -207,9 +207,12 @@ class StateFile:
             self._soon = loop.call_soon(self.flush)
         return w.future
 
-    def _changed(self) -> None:
+    def _writable(self) -> None:
         if self._failed is not None:
             raise RuntimeError(f"the quota state file {self.path} cannot be written: {self._failed}")
+
+    def _changed(self) -> None:
+        self._writable()
         if self._later is None and self._soon is None:
             with contextlib.suppress(RuntimeError):  # no running loop (start-up, close): close() commits
                 self._later = asyncio.get_running_loop().call_later(LAZY_SECONDS, self._lazy)
@@ -225,8 +228,7 @@ class StateFile:
     def trim(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` of the oldest ledger rows older than ``before`` (by the time index), in a
         transaction of their own on the loop, like a commit; how many went."""
-        if self._failed is not None:
-            raise RuntimeError(f"the quota state file {self.path} cannot be written: {self._failed}")
+        self._writable()
         return self._db.execute("delete from ledger where seq in "
                                 "(select seq from ledger where time < ? order by time limit ?)",
                                 (before, limit)).rowcount

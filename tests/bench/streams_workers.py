@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"{key}, {workers} worker{'s' if workers > 1 else ''}"
                     targets.append(Target(label, label, base, base, token if key == "full" else CLIENT_KEY, roles))
             time.sleep(SETTLE)
-            for t in targets:  # the python role is read again: a worker may have been replaced by the standby
-                gw = gateways[targets.index(t)]
+            for gw, t in zip(gateways, targets, strict=True):  # read again: the standby may have replaced a worker
                 t.roles.update(gateway_pids(gw))
             direct = Target("fake (direct)", "fake (direct)", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}",
                             UPSTREAM_KEY, {"fake": [fake_pid]})

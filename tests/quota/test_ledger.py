@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.quota.ledger import Ledger, RedisLedger, SqliteLedger, UsageRecord, format_totals, parse_since, totals
+from extproc.quota.ledger import (
+    SQLITE_TRIM_CHUNK, Ledger, RedisLedger, SqliteLedger, UsageRecord, format_totals, parse_since, totals,
+)
 from extproc.quota.memory_store import open_embedded
 from extproc.quota.state_file import CHECKPOINT_COMMITS
 from tests.quota.conftest import UTC
@@ -91,6 +93,32 @@ async def test_a_trim_drops_the_records_older_than_its_cut_and_keeps_the_newer(m
     assert left[-1] == "new" and dropped + len(left) - 1 == 250
     assert len(left) - 1 < 100 and (len(left) == 1 or isinstance(ledger, RedisLedger))
     assert await ledger.trim(cut - 3600) == 0  # nothing that old is left
+
+
+async def test_an_embedded_trim_goes_in_chunks_up_to_its_step(tmp_path: Path) -> None:
+    """The embedded ledger deletes a long history a chunk at a time, giving the loop back between chunks,
+    until the step is reached or nothing older is left."""
+    store, _ = open_embedded(str(tmp_path / "quota.sqlite3"), tz=UTC)
+    ledger = SqliteLedger(tmp_path / "quota.sqlite3", writer=store.state_file)
+    n = 2 * SQLITE_TRIM_CHUNK + 500
+    await asyncio.gather(*(ledger.append(record(f"old-{i}")) for i in range(n)))
+    others = 0
+
+    async def beside() -> None:  # counts how often the loop ran something else during the trim
+        nonlocal others
+        while True:
+            others += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.ensure_future(beside())
+    await asyncio.sleep(0)
+    others = 0
+    dropped = await ledger.trim(time.time() + 1)
+    counting.cancel()
+    left = [r async for r in ledger.records(since=0)]
+    await store.close()
+    assert (dropped, left) == (n, [])
+    assert others >= 2  # the loop ran between the three chunks
 
 
 def test_durations_for_since() -> None:
